@@ -1,0 +1,326 @@
+"""The metadata store: one SQLAlchemy engine over the library database.
+
+All writes of an ingest batch happen in one transaction (rows, embeddings, aliases and the
+generation counter together), so after a crash the database is either before or after a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from db.models import Alias, Base, Embedding, Image, Meta
+
+SCHEMA_VERSION = 1
+_CHUNK = 500  # ids per IN (...) clause: well under SQLite's variable limit
+
+
+class StoreError(Exception):
+    """The database cannot be opened or read. (The engine maps it to its own CorruptFileError.)"""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One indexed image as stored."""
+
+    id: int
+    path: str
+    content_hash: str
+    bytes: int
+    mtime: float
+    width: int | None
+    height: int | None
+    format: str | None
+    taken_at: datetime | None
+    camera: str | None
+    added_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for key in ("taken_at", "added_at"):
+            if out[key] is not None:
+                out[key] = out[key].isoformat()
+        return out
+
+
+@dataclass(frozen=True)
+class PathState:
+    """What the store knows of a path: its image id, and the size/mtime/hash when last seen."""
+
+    image_id: int
+    bytes: int
+    mtime: float
+    content_hash: str | None
+    is_alias: bool
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets queries read while an ingest writes; NORMAL sync is crash-safe in WAL mode
+    # (a power cut may lose the last commit, never corrupt the file).
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class MetadataStore:
+    """Images, aliases, embeddings and library facts in one SQL database (SQLite by default)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        try:
+            self.engine: Engine = create_engine(url)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            Base.metadata.create_all(self.engine)
+            with self.engine.begin() as conn:
+                found = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+                if found is None:
+                    conn.execute(insert(Meta).values(key="schema_version", value=json.dumps(SCHEMA_VERSION)))
+                elif json.loads(found) > SCHEMA_VERSION:
+                    raise StoreError(f"database {url} was written by a newer engine (schema {found})")
+        except (DatabaseError, OperationalError) as exc:
+            raise StoreError(f"database {url} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike) -> "MetadataStore":
+        return cls(f"sqlite:///{os.fspath(path)}")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- library facts -------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self.engine.connect() as conn:
+            value = conn.scalar(select(Meta.value).where(Meta.key == key))
+        return default if value is None else json.loads(value)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.engine.begin() as conn:
+            self._set_meta(conn, key, value)
+
+    @staticmethod
+    def _set_meta(conn, key: str, value: Any) -> None:
+        text = json.dumps(value)
+        if conn.execute(update(Meta).where(Meta.key == key).values(value=text)).rowcount == 0:
+            conn.execute(insert(Meta).values(key=key, value=text))
+
+    def generation(self) -> int:
+        """A counter bumped by every write; the index file records the one it reflects."""
+        return int(self.get_meta("generation", 0))
+
+    @staticmethod
+    def _bump(conn) -> None:
+        current = conn.scalar(select(Meta.value).where(Meta.key == "generation"))
+        MetadataStore._set_meta(conn, "generation", (json.loads(current) if current else 0) + 1)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Image)))
+
+    def count_aliases(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Alias)))
+
+    def count_embeddings(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Embedding)))
+
+    def lookup_paths(self, paths: Sequence[str]) -> dict[str, PathState]:
+        """Known paths among ``paths`` (canonical or alias) with their last-seen size/mtime/hash."""
+        found: dict[str, PathState] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(paths)):
+                for row in conn.execute(select(Image.id, Image.path, Image.bytes, Image.mtime, Image.content_hash)
+                                        .where(Image.path.in_(chunk))):
+                    found[row.path] = PathState(row.id, row.bytes, row.mtime, row.content_hash, False)
+                for row in conn.execute(select(Alias.image_id, Alias.path, Alias.bytes, Alias.mtime, Image.content_hash)
+                                        .join(Image, Image.id == Alias.image_id).where(Alias.path.in_(chunk))):
+                    found[row.path] = PathState(row.image_id, row.bytes, row.mtime, row.content_hash, True)
+        return found
+
+    def lookup_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
+        """content hash -> image id for the hashes already indexed."""
+        found: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(hashes))):
+                for row in conn.execute(select(Image.id, Image.content_hash).where(Image.content_hash.in_(chunk))):
+                    found.setdefault(row.content_hash, row.id)
+        return found
+
+    def get_images(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        """Records by id; ids that no longer exist are simply absent."""
+        out: dict[int, ImageRecord] = {}
+        wanted = sorted({int(i) for i in ids if int(i) >= 0})
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                for row in conn.execute(select(Image).where(Image.id.in_(chunk))):
+                    out[row.id] = ImageRecord(**{k: getattr(row, k) for k in ImageRecord.__dataclass_fields__})
+        return out
+
+    def aliases_of(self, ids: Iterable[int]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted({int(i) for i in ids})):
+                for row in conn.execute(select(Alias.image_id, Alias.path).where(Alias.image_id.in_(chunk))):
+                    out.setdefault(row.image_id, []).append(row.path)
+        return out
+
+    def get_embeddings(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [M], vectors float32 [M, dim]) for the requested ids that have a vector."""
+        got_ids: list[int] = []
+        vecs: list[bytes] = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                for row in conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id.in_(chunk))):
+                    got_ids.append(row.image_id)
+                    vecs.append(row.vector)
+        return np.asarray(got_ids, np.int64), _decode_vectors(vecs, dim)
+
+    def iter_embeddings(self, dim: int, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All stored vectors in id order, in slices: (ids int64 [n], vectors float32 [n, dim])."""
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id > last)
+                                    .order_by(Embedding.image_id).limit(batch)).all()
+            if not rows:
+                return
+            last = rows[-1].image_id
+            yield np.asarray([r.image_id for r in rows], np.int64), _decode_vectors([r.vector for r in rows], dim)
+
+    def image_ids(self) -> np.ndarray:
+        with self.engine.connect() as conn:
+            return np.asarray(conn.scalars(select(Image.id).order_by(Image.id)).all(), np.int64)
+
+    def embedding_ids(self) -> np.ndarray:
+        with self.engine.connect() as conn:
+            return np.asarray(conn.scalars(select(Embedding.image_id).order_by(Embedding.image_id)).all(), np.int64)
+
+    def iter_paths(self) -> Iterator[tuple[str, int, bool]]:
+        """(path, image id, is_alias) for every known path."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Image.path, Image.id)).all()
+            alias_rows = conn.execute(select(Alias.path, Alias.image_id)).all()
+        for row in rows:
+            yield row.path, row.id, False
+        for row in alias_rows:
+            yield row.path, row.image_id, True
+
+    # -- writes --------------------------------------------------------------------------------
+    def write_batch(self, new_rows: Sequence[dict], new_vectors: np.ndarray | None = None, *,
+                    replaced_paths: Sequence[str] = (), aliases: Sequence[dict] = (),
+                    touched: Sequence[tuple[bool, str, float]] = ()) -> tuple[list[int], list[int]]:
+        """One transaction: forget ``replaced_paths`` (files whose content changed; see
+        ``remove_paths``), insert ``new_rows`` (Image column dicts) with their vectors (float32
+        [N, D]), insert ``aliases`` (dicts of path, bytes, mtime and either image_id or ``new_row``,
+        the position in ``new_rows`` of the image it duplicates) and refresh the mtime of
+        ``touched`` (is_alias, path, mtime) files whose content did not change.
+
+        A changed file gets a new id rather than a rewritten vector, so the index can always be
+        reconciled by id sets alone. Returns (new row ids in order, ids whose vectors must go)."""
+        now = _now()
+        ids: list[int] = []
+        with self.engine.begin() as conn:
+            gone = self._remove_paths(conn, replaced_paths) if replaced_paths else []
+            if new_rows:
+                rows = [dict(r, added_at=r.get("added_at") or now) for r in new_rows]
+                ids = [int(i) for i in conn.scalars(insert(Image).returning(Image.id, sort_by_parameter_order=True), rows)]
+                if new_vectors is not None:
+                    vectors = np.ascontiguousarray(new_vectors, np.float32)
+                    conn.execute(insert(Embedding), [{"image_id": i, "vector": v.tobytes()} for i, v in zip(ids, vectors)])
+            if aliases:
+                resolved = [{"path": a["path"], "bytes": a["bytes"], "mtime": a["mtime"],
+                             "image_id": a["image_id"] if a.get("new_row") is None else ids[a["new_row"]]}
+                            for a in aliases]
+                for chunk in _chunks([a["path"] for a in resolved]):
+                    conn.execute(delete(Alias).where(Alias.path.in_(chunk)))
+                conn.execute(insert(Alias), resolved)
+            for is_alias, path, mtime in touched:
+                table = Alias if is_alias else Image
+                conn.execute(update(table).where(table.path == path).values(mtime=mtime))
+            self._bump(conn)
+        return ids, gone
+
+    def insert_rows(self, rows: Sequence[dict]) -> list[int]:
+        """Bulk-insert image rows without vectors (used by benchmarks and repair); returns ids."""
+        return self.write_batch(rows)[0]
+
+    def put_embeddings(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store (or replace) vectors for existing rows, in one transaction."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        with self.engine.begin() as conn:
+            for chunk_start in range(0, len(ids), _CHUNK):
+                chunk = [int(i) for i in ids[chunk_start:chunk_start + _CHUNK]]
+                conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
+            if len(ids):
+                conn.execute(insert(Embedding), [{"image_id": int(i), "vector": v.tobytes()} for i, v in zip(ids, vectors)])
+            self._bump(conn)
+
+    def remove_paths(self, paths: Sequence[str]) -> list[int]:
+        """Forget ``paths``. An alias is dropped; a canonical path with aliases hands its row to the
+        first alias (same content, same vector); otherwise row and vector go. Returns the image ids
+        whose vectors must leave the index."""
+        with self.engine.begin() as conn:
+            gone = self._remove_paths(conn, paths)
+            self._bump(conn)
+        return gone
+
+    @staticmethod
+    def _remove_paths(conn, paths: Sequence[str]) -> list[int]:
+        gone: list[int] = []
+        for chunk in _chunks(list(paths)):
+            conn.execute(delete(Alias).where(Alias.path.in_(chunk)))
+            for row in conn.execute(select(Image.id, Image.path).where(Image.path.in_(chunk))).all():
+                heir = conn.execute(select(Alias.path, Alias.bytes, Alias.mtime)
+                                    .where(Alias.image_id == row.id).order_by(Alias.path).limit(1)).first()
+                if heir is not None:
+                    conn.execute(delete(Alias).where(Alias.path == heir.path))
+                    conn.execute(update(Image).where(Image.id == row.id)
+                                 .values(path=heir.path, bytes=heir.bytes, mtime=heir.mtime))
+                else:
+                    conn.execute(delete(Embedding).where(Embedding.image_id == row.id))
+                    conn.execute(delete(Image).where(Image.id == row.id))
+                    gone.append(int(row.id))
+        return gone
+
+    def remove_ids(self, ids: Sequence[int]) -> None:
+        """Delete rows (and their vectors and aliases) by id."""
+        with self.engine.begin() as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
+                conn.execute(delete(Alias).where(Alias.image_id.in_(chunk)))
+                conn.execute(delete(Image).where(Image.id.in_(chunk)))
+            self._bump(conn)
+
+    def clear_embeddings(self) -> None:
+        """Drop every stored vector (before a re-embed with another encoder)."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(Embedding))
+            self._bump(conn)
+
+
+def _decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()

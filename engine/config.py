@@ -1,0 +1,77 @@
+"""Frozen configuration dataclasses, one per component.
+
+``None`` means "the backbone's default" wherever it appears.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What is needed to rebuild an encoder exactly (weights aside).
+
+    backbone: a timm model name, created with ``num_classes=0`` so it returns pooled features.
+    head_dim: output size of the projection head; ``None`` means no head (the pooled features are
+        the embedding).
+    image_size: square input side in pixels; ``None`` means the backbone's pretrained default.
+    pretrained: resolve ImageNet weights when the encoder is first built (ignored when weights come
+        from a checkpoint).
+    weights: an explicit weights file (a timm/torch state dict or an engine checkpoint).
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    head_dim: int | None = None
+    image_size: int | None = None
+    pretrained: bool = True
+    weights: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How vectors are indexed: a FAISS index-factory string used after ``IDMap2``.
+
+    ``"Flat"`` is exact search; ``"HNSW32"``, ``"IVF1024,Flat"`` or ``"IVF1024,PQ32"`` trade recall for
+    speed and memory. Vectors are L2-normalised and compared by inner product (cosine similarity).
+    """
+
+    factory: str = "Flat"
+
+
+def default_home() -> Path:
+    """The per-user library folder: ``$ENGINE_HOME``, else ``$XDG_DATA_HOME/engine``, else
+    ``~/.local/share/engine``."""
+    env = os.environ.get("ENGINE_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "engine"
+
+
+@dataclass(frozen=True)
+class LibraryPaths:
+    """Where one library keeps its files inside its home folder."""
+
+    home: Path
+    database: Path = field(init=False)
+    index: Path = field(init=False)
+    index_state: Path = field(init=False)
+    encoder: Path = field(init=False)
+    lock: Path = field(init=False)
+    report: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        home = Path(self.home)
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "database", home / "library.db")
+        object.__setattr__(self, "index", home / "index.faiss")
+        object.__setattr__(self, "index_state", home / "index.json")
+        object.__setattr__(self, "encoder", home / "encoder.pt")
+        object.__setattr__(self, "lock", home / "write.lock")
+        object.__setattr__(self, "report", home / "ingest-failures.tsv")

@@ -1,0 +1,79 @@
+"""Finding image files: the walk shared by ingest and by directory queries."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+@dataclass
+class Discovery:
+    """files: image paths found (absolute, sorted per folder); missing: (path, reason) for given
+    paths that could not be walked at all."""
+
+    files: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _excluded(path: str, name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
+
+
+def find_images(roots: Iterable[str | os.PathLike], suffixes: frozenset[str], *,
+                exclude: Sequence[str] = ()) -> Discovery:
+    """Walk ``roots`` for files whose suffix (lower-cased) is in ``suffixes``.
+
+    Hidden files and folders are skipped, symlinked folders are followed but each real folder is
+    walked once (so a symlink loop ends), ``exclude`` globs match a name or a whole path. A root
+    that is a file is taken as it is, whatever its suffix: the caller asked for it by name.
+    """
+    found = Discovery()
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+
+    def add(path: str) -> None:
+        if path not in seen_files:
+            seen_files.add(path)
+            found.files.append(path)
+
+    for root in roots:
+        root = os.path.abspath(os.fspath(root))
+        if not os.path.lexists(root):
+            found.missing.append((root, "no such file or directory"))
+            continue
+        if not os.path.exists(root):
+            found.missing.append((root, "broken symbolic link"))
+            continue
+        if not os.path.isdir(root):
+            add(root)
+            continue
+
+        def on_error(err: OSError, root=root) -> None:
+            found.missing.append((err.filename or root, f"cannot list folder: {err.strerror or err}"))
+
+        for folder, dirs, files in os.walk(root, followlinks=True, onerror=on_error):
+            try:
+                st = os.stat(folder)
+            except OSError:
+                dirs[:] = []
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add(key)
+            dirs[:] = sorted(d for d in dirs if not _hidden(d) and not _excluded(os.path.join(folder, d), d, exclude))
+            for name in sorted(files):
+                if _hidden(name) or Path(name).suffix.lower() not in suffixes:
+                    continue
+                path = os.path.join(folder, name)
+                if not _excluded(path, name, exclude):
+                    add(path)
+    return found

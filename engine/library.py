@@ -1,0 +1,264 @@
+"""A library: one home folder holding the metadata database, the FAISS index and the encoder
+the library was built with.
+
+The database is the source of truth (rows and their embeddings are committed together); the index
+is derived from it and records the database generation it reflects. Whenever the two disagree
+(a crash between commit and index save, or a query while an ingest is running) the index is
+reconciled from stored embeddings by id: the ids are never reused, so the difference of id sets
+is exactly what to add and remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from engine.config import IndexConfig, LibraryPaths, default_home
+from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The encoder a library was built with, as remembered in its database."""
+
+    spec: str
+    identity: str
+    backbone: str
+    dim: int
+    input_size: tuple[int, ...]
+    weights_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "identity": self.identity, "backbone": self.backbone, "dim": self.dim,
+                "input_size": list(self.input_size), "weights_source": self.weights_source}
+
+
+class Library:
+    """Open a library in ``home`` (created on first write). ``database_url`` overrides the default
+    SQLite file with any SQLAlchemy URL."""
+
+    def __init__(self, home: str | os.PathLike | None = None, *, device: str = "auto",
+                 database_url: str | None = None):
+        self.paths = LibraryPaths(Path(home) if home else default_home())
+        self.device = device
+        self.database_url = database_url or os.environ.get("ENGINE_DATABASE_URL")
+        self._store = None
+        self._encoder = None
+
+    # -- parts ---------------------------------------------------------------------------------
+    @property
+    def store(self):
+        """The MetadataStore, opened on first use (creating the home folder)."""
+        if self._store is None:
+            from db.store import MetadataStore, StoreError
+
+            self.paths.home.mkdir(parents=True, exist_ok=True)
+            url = self.database_url or f"sqlite:///{self.paths.database}"
+            try:
+                self._store = MetadataStore(url)
+            except StoreError as exc:
+                raise CorruptFileError(f"{exc}; move it aside and run `engine reindex`, or restore a backup") from None
+        return self._store
+
+    def exists(self) -> bool:
+        """True when this home holds a library that has a model (something was ingested or set up)."""
+        if self.database_url is None and not self.paths.database.exists():
+            return False
+        return self.model_info() is not None
+
+    def model_info(self) -> ModelInfo | None:
+        raw = self.store.get_meta("model")
+        if raw is None:
+            return None
+        raw["input_size"] = tuple(raw.get("input_size") or ())
+        return ModelInfo(**raw)
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(factory=self.store.get_meta("index_factory", "Flat"))
+
+    def encoder(self):
+        """The library's encoder, rebuilt from the checkpoint saved in its home."""
+        if self._encoder is None:
+            from engine.encoder import load_checkpoint, resolve_device
+
+            if self.model_info() is None:
+                raise IndexMissingError(f"no library in {self.paths.home} yet; run `engine ingest PATH` first")
+            if not self.paths.encoder.exists():
+                raise CorruptFileError(f"the library's encoder file {self.paths.encoder} is missing; "
+                                       "run `engine reindex --model pretrained|CHECKPOINT` to rebuild")
+            self._encoder = load_checkpoint(self.paths.encoder, resolve_device(self.device))
+        return self._encoder
+
+    def set_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None,
+                  index_factory: str | None = None):
+        """Give a new library its encoder (``pretrained`` or a checkpoint path), saved into its home.
+        Returns the encoder. Does not touch existing vectors: ``reindex`` does that."""
+        from engine.encoder import load_encoder, resolve_device, save_checkpoint
+
+        encoder = load_encoder(spec, resolve_device(self.device), backbone=backbone, weights=weights)
+        self.paths.home.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(encoder, self.paths.encoder)
+        info = ModelInfo(spec=spec if spec == "pretrained" else os.path.abspath(spec), identity=encoder.identity(),
+                         backbone=encoder.config.backbone, dim=encoder.dim,
+                         input_size=tuple(encoder.data_config["input_size"]),
+                         weights_source=encoder.metadata.get("weights_source"))
+        self.store.set_meta("model", info.to_dict())
+        if index_factory is not None or self.store.get_meta("index_factory") is None:
+            self.store.set_meta("index_factory", index_factory or "Flat")
+        self._encoder = encoder
+        return encoder
+
+    def ensure_model(self, spec: str | None = None, **kwargs):
+        """The library's encoder; set it from ``spec`` when the library is new. A ``spec`` that names
+        a different encoder from the remembered one is refused."""
+        info = self.model_info()
+        if info is None:
+            return self.set_model(spec or "pretrained", **kwargs)
+        if spec is not None:
+            self.check_model(spec)
+        return self.encoder()
+
+    def check_model(self, spec: str) -> None:
+        """Raise ModelMismatchError when ``spec`` is not the encoder this library was built with."""
+        info = self.model_info()
+        if info is None:
+            return
+        if spec == "pretrained":
+            same = info.spec == "pretrained"
+        else:
+            from engine.encoder import load_checkpoint
+
+            same = load_checkpoint(spec, "cpu").identity() == info.identity
+        if not same:
+            raise ModelMismatchError(
+                f"this library was built with {info.spec} (encoder {info.identity}); "
+                f"use that model, or `engine reindex --model {spec}` to re-embed it")
+
+    # -- index ---------------------------------------------------------------------------------
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.paths.index_state.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def open_index(self, *, required: bool = True):
+        """The index, reconciled with the database when its recorded generation is stale.
+
+        required=True raises IndexMissingError for a library with nothing in it."""
+        from engine.index import VectorIndex
+
+        info = self.model_info()
+        if info is None:
+            if required:
+                raise IndexMissingError(f"no index in {self.paths.home} yet; run `engine ingest PATH` first")
+            return None
+        factory = self.index_config().factory
+        if self.paths.index.exists():
+            index = VectorIndex.load(self.paths.index, factory)
+            if index.dim != info.dim:
+                raise CorruptFileError(f"index file {self.paths.index} has dimension {index.dim}, the library's "
+                                       f"encoder {info.dim}; run `engine doctor --repair`")
+            state = self._read_state()
+            if state.get("generation") != self.store.generation() or state.get("ntotal") != index.ntotal:
+                self.reconcile(index)
+        else:
+            index = self.rebuild_index()
+        if required and index.ntotal == 0 and self.store.count() == 0:
+            raise IndexMissingError(f"the library in {self.paths.home} is empty; run `engine ingest PATH` first")
+        return index
+
+    def reconcile(self, index) -> tuple[int, int]:
+        """Bring ``index`` in line with the stored embeddings by id; returns (added, removed)."""
+        info = self.model_info()
+        stored = self.store.embedding_ids()
+        held = index.ids()
+        missing = np.setdiff1d(stored, held, assume_unique=True)
+        extra = np.setdiff1d(held, stored, assume_unique=True)
+        if len(extra):
+            try:
+                index.remove(extra)
+            except RuntimeError:  # index types without removal (HNSW): rebuild instead
+                rebuilt = self.rebuild_index(save=False)
+                index._index, index.factory = rebuilt._index, rebuilt.factory
+                return len(stored), len(extra)
+        for start in range(0, len(missing), 20000):
+            ids, vectors = self.store.get_embeddings(missing[start:start + 20000], info.dim)
+            if not index.is_trained:
+                index.train(vectors)
+            index.add(vectors, ids)
+        if len(missing) or len(extra):
+            log.info("index reconciled with the database: %d added, %d removed", len(missing), len(extra))
+        return len(missing), len(extra)
+
+    def rebuild_index(self, factory: str | None = None, *, save: bool = True):
+        """A fresh index from stored embeddings alone (no image is decoded)."""
+        from engine.index import VectorIndex
+
+        info = self.model_info()
+        if info is None:
+            raise IndexMissingError(f"no library in {self.paths.home} yet")
+        factory = factory or self.index_config().factory
+        index = VectorIndex.build(info.dim, factory)
+        if not index.is_trained:
+            sample = [v for _, v in self.store.iter_embeddings(info.dim, batch=100000)][:1]
+            if not sample or len(sample[0]) == 0:
+                index = VectorIndex.build(info.dim, "Flat")  # nothing to train on yet
+            else:
+                try:
+                    index.train(sample[0])
+                except RuntimeError as exc:
+                    raise EngineError(f"cannot train index {factory!r} on {len(sample[0])} vectors: "
+                                      f"{str(exc).splitlines()[0]}") from None
+        for ids, vectors in self.store.iter_embeddings(info.dim):
+            index.add(vectors, ids)
+        if save:
+            self.save_index(index)
+        return index
+
+    def save_index(self, index) -> None:
+        """Save the index, then record the database generation it reflects (both atomically)."""
+        self.paths.home.mkdir(parents=True, exist_ok=True)
+        index.save(self.paths.index)
+        state = {"generation": self.store.generation(), "ntotal": index.ntotal, "factory": index.factory}
+        tmp = self.paths.index_state.with_name(f".{self.paths.index_state.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.paths.index_state)
+
+    # -- locking -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def write_lock(self, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[None]:
+        """Hold the library's write lock: a second writer waits (after calling ``on_wait``) or, with
+        wait=False, gets LockError. Readers never take it."""
+        self.paths.home.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: single writer assumed
+            yield
+            return
+        with open(self.paths.lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise LockError(f"another process is writing to the library in {self.paths.home}") from None
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None

@@ -1,0 +1,166 @@
+"""Queries against a library, and pair comparison."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.errors import EngineError, ImageError
+
+
+def score_to_distance(score: float) -> float:
+    """Cosine similarity of unit vectors -> their L2 distance (0 = identical, 2 = opposite)."""
+    return math.sqrt(max(0.0, 2.0 - 2.0 * float(score)))
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour: rank from 1, its row id, path, cosine score and L2 distance, and its record."""
+
+    rank: int
+    id: int
+    path: str
+    score: float
+    distance: float
+    record: Any
+    similar: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"rank": self.rank, "id": self.id, "path": self.path, "score": round(self.score, 6),
+               "distance": round(self.distance, 6)}
+        if self.similar is not None:
+            out["similar"] = self.similar
+        if self.record is not None:
+            rec = self.record.to_dict()
+            for key in ("width", "height", "format", "bytes", "taken_at", "camera"):
+                out[key] = rec[key]
+        return out
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The hits of one query image, best first, or the error that stopped it."""
+
+    query: str
+    hits: list[Hit] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _stored_vectors(library, paths: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+    """Vectors of query paths that are already indexed and unchanged on disk (no decode needed)."""
+    known = library.store.lookup_paths(paths)
+    ids: dict[int, list[str]] = {}
+    for path, state in known.items():
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if st.st_size == state.bytes and st.st_mtime == state.mtime:
+            ids.setdefault(state.image_id, []).append(path)
+    if not ids:
+        return {}
+    got_ids, vectors = library.store.get_embeddings(list(ids), dim)
+    return {p: v for i, v in zip(got_ids, vectors) for p in ids[int(i)]}
+
+
+def embed_queries(library, paths: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+    """Query vectors float32 [Q, D] in the order of ``paths`` (a zero row where decoding failed),
+    and per query the error text or None. Indexed, unchanged files reuse their stored vector."""
+    from engine.dataset import embed_files
+
+    info = library.model_info()
+    dim = info.dim
+    stored = _stored_vectors(library, paths, dim)
+    todo = [p for p in paths if p not in stored]
+    vectors = np.zeros((len(paths), dim), np.float32)
+    errors: list[str | None] = [None] * len(paths)
+    fresh: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
+    if todo:
+        done = embed_files(library.encoder(), todo, batch_size=batch_size, workers=0 if len(todo) <= batch_size else None)
+        fresh = {todo[int(pos)]: vec for pos, vec in zip(done.positions, done.embeddings)}
+        failed = dict(done.failures)
+    for i, p in enumerate(paths):
+        if p in stored:
+            vectors[i] = stored[p]
+        elif p in fresh:
+            vectors[i] = fresh[p]
+        else:
+            errors[i] = failed.get(p, "cannot decode image")
+    return vectors, errors
+
+
+def search_library(library, images: Sequence[str], k: int = 10, *, threshold: float | None = None,
+                   batch_size: int = 32) -> list[QueryResult]:
+    """Rank the library's images by similarity to each of ``images``.
+
+    Returns one QueryResult per image, in order; an unreadable query carries its error instead of
+    hits. With ``threshold`` (an L2 distance), each hit says whether it counts as similar.
+    Raises IndexMissingError when nothing is indexed.
+    """
+    if k < 1:
+        raise EngineError("-k must be at least 1")
+    index = library.open_index()
+    paths = [os.path.abspath(os.fspath(p)) for p in images]
+    vectors, errors = embed_queries(library, paths, batch_size=batch_size)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    results: list[QueryResult | None] = [None] * len(paths)
+    for i, e in enumerate(errors):
+        if e is not None:
+            results[i] = QueryResult(paths[i], error=e)
+    if ok:
+        scores, ids = index.search(vectors[ok], k)
+        records = library.store.get_images(ids[ids >= 0].tolist())
+        for row, i in enumerate(ok):
+            hits: list[Hit] = []
+            for score, image_id in zip(scores[row], ids[row]):
+                record = records.get(int(image_id))
+                if image_id < 0 or record is None:  # removed while we searched
+                    continue
+                dist = score_to_distance(score)
+                hits.append(Hit(len(hits) + 1, int(image_id), record.path, float(score), dist, record,
+                                None if threshold is None else dist <= threshold))
+            results[i] = QueryResult(paths[i], hits)
+    return [r for r in results if r is not None]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Verdict on a pair: L2 distance of the two embeddings against the threshold."""
+
+    a: str
+    b: str
+    distance: float
+    threshold: float
+    similar: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "distance": round(self.distance, 6), "threshold": round(self.threshold, 6),
+                "verdict": "similar" if self.similar else "different"}
+
+
+def compare_images(encoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
+    """Embed ``a`` and ``b`` with ``encoder`` and judge them by ``threshold`` (default: the
+    encoder's calibrated one, else the pretrained default). Raises ImageError for an unreadable file."""
+    from engine.dataset import embed_files
+    from engine.encoder import DEFAULT_THRESHOLD
+
+    done = embed_files(encoder, [a, b], workers=0)
+    if done.failures:
+        path, reason = done.failures[0]
+        raise ImageError(f"{path}: {reason}")
+    va, vb = done.embeddings
+    distance = float(np.sqrt(max(0.0, float(np.sum((va - vb) ** 2)))))
+    if threshold is None:
+        threshold = encoder.threshold if encoder.threshold is not None else DEFAULT_THRESHOLD
+    return Comparison(a, b, distance, float(threshold), distance <= threshold)

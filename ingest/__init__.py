@@ -1,0 +1,6 @@
+"""Bulk indexing of a photo library: walk, decode in worker processes, embed in batches, commit rows
+and vectors batch by batch."""
+
+from ingest.pipeline import IngestConfig, IngestReport, ingest_paths, reindex_library, remove_paths
+
+__all__ = ["IngestConfig", "IngestReport", "ingest_paths", "reindex_library", "remove_paths"]

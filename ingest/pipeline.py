@@ -1,0 +1,269 @@
+"""The ingest pipeline: reader (walk + stat against the database) -> decoder (worker processes:
+read, hash, decode, transform) -> encoder (batches) -> writer (one transaction per batch, then the
+index).
+
+Each batch is committed before the next is embedded, so an interrupted run loses at most the batch
+in flight and a rerun picks up where it stopped: files whose size and mtime match the database are
+not even opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from engine.dataset import ImageFileDataset, default_workers, make_loader
+from engine.errors import EngineError
+from engine.files import find_images
+from engine.preprocess import build_transform, draft_size_for, image_suffixes
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """batch_size: images per forward pass and per commit; workers: decode processes (None = one per
+    four cores, at least one); exclude: globs on names or paths; prune: forget indexed files under
+    the given roots that are gone from disk; save_every_s: how often the index file is rewritten
+    during a run (the database is committed every batch regardless)."""
+
+    batch_size: int = 32
+    workers: int | None = None
+    exclude: tuple[str, ...] = ()
+    prune: bool = False
+    save_every_s: float = 120.0
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did. failed: (path, reason) for each file that could not be indexed."""
+
+    added: int = 0
+    unchanged: int = 0
+    updated: int = 0
+    duplicates: int = 0
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    embedded: int = 0
+    seconds: float = 0.0
+    report_path: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"added": self.added, "unchanged": self.unchanged, "updated": self.updated,
+                "duplicates": self.duplicates, "failed": len(self.failed), "removed": self.removed,
+                "failures": [{"path": p, "reason": r} for p, r in self.failed],
+                "embedded": self.embedded, "seconds": round(self.seconds, 3),
+                "images_per_second": round(self.images_per_second, 2), "report": self.report_path}
+
+
+def _write_failures(path: str | os.PathLike, failed: Sequence[tuple[str, str]]) -> None:
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
+        fh.write("path\treason\n")
+        for p, reason in failed:
+            fh.write(f"{p}\t{reason}\n")
+    os.replace(tmp, path)
+
+
+def _plan(library, files: Sequence[str], report: IngestReport) -> tuple[list[str], dict]:
+    """Split discovered files into those to decode and those unchanged since the last run."""
+    known = library.store.lookup_paths(files)
+    todo: list[str] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            report.failed.append((path, f"cannot stat: {exc.strerror or exc}"))
+            continue
+        state = known.get(path)
+        if state is not None and state.bytes == st.st_size and state.mtime == st.st_mtime:
+            report.unchanged += 1
+        else:
+            todo.append(path)
+    return todo, known
+
+
+def _commit_batch(library, index, encoder, batch, known: dict, report: IngestReport) -> None:
+    """Classify one decoded batch, embed what is new, commit rows + vectors, update the index."""
+    report.failed.extend((it.path, it.error or "unknown error") for it in batch.failures)
+    if not batch.items:
+        return
+    stored = library.store.lookup_hashes(it.content_hash for it in batch.items)
+    new_rows: list[dict] = []
+    embed_rows: list[int] = []
+    replaced: list[str] = []
+    aliases: list[dict] = []
+    touched: list[tuple[bool, str, float]] = []
+    batch_hashes: dict[str, int] = {}
+    for position, it in enumerate(batch.items):
+        state = known.get(it.path)
+        if state is not None and state.content_hash == it.content_hash:
+            touched.append((state.is_alias, it.path, it.mtime))  # touched, not changed
+            report.unchanged += 1
+            continue
+        if state is not None:
+            replaced.append(it.path)
+            report.updated += 1
+        alias = {"path": it.path, "bytes": it.size, "mtime": it.mtime}
+        if it.content_hash in stored and state is None:
+            aliases.append(dict(alias, image_id=stored[it.content_hash]))
+            report.duplicates += 1
+        elif it.content_hash in batch_hashes:
+            aliases.append(dict(alias, new_row=batch_hashes[it.content_hash]))
+            report.duplicates += state is None
+        else:
+            batch_hashes[it.content_hash] = len(new_rows)
+            info = it.info
+            new_rows.append({"path": it.path, "content_hash": it.content_hash, "bytes": it.size, "mtime": it.mtime,
+                             "width": info.width, "height": info.height, "format": info.format,
+                             "taken_at": info.taken_at, "camera": info.camera[:128] if info.camera else None})
+            embed_rows.append(position)
+            report.added += state is None
+    vectors = encoder.embed(batch.images[embed_rows]) if embed_rows else None
+    ids, gone = library.store.write_batch(new_rows, vectors, replaced_paths=replaced, aliases=aliases, touched=touched)
+    report.embedded += len(ids)
+    if gone:
+        _remove_from_index(library, index, gone)
+    if ids:
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(vectors, np.asarray(ids, np.int64))
+
+
+def _remove_from_index(library, index, ids: Sequence[int]) -> None:
+    try:
+        index.remove(ids)
+    except RuntimeError:  # index types without removal (HNSW): reconcile rebuilds it
+        library.reconcile(index)
+
+
+def _open_or_build_index(library, encoder):
+    from engine.index import VectorIndex
+
+    index = library.open_index(required=False)
+    if index is None or index.ntotal == 0 and not index.is_trained:
+        index = VectorIndex.build(encoder.dim, "Flat")  # IVF/PQ need data to train: start exact
+    return index
+
+
+def ingest_paths(library, roots: Sequence[str | os.PathLike], config: IngestConfig = IngestConfig(), *,
+                 model: str | None = None, progress: Progress | None = None,
+                 on_wait: Callable[[], None] | None = None) -> IngestReport:
+    """Index every image under ``roots`` into ``library``; returns the report.
+
+    model: ``pretrained`` or a checkpoint path; chooses the encoder of a new library and must match
+    the encoder of an existing one. progress(done, total) is called as files are processed.
+    Never raises for a bad file: each one is reported in ``report.failed`` and in the library's
+    failure report file. Raises EngineError when the library itself cannot be used.
+    """
+    started = time.perf_counter()
+    report = IngestReport()
+    with library.write_lock(on_wait):
+        encoder = library.ensure_model(model)
+        found = find_images(roots, image_suffixes(), exclude=config.exclude)
+        report.failed.extend(found.missing)
+        todo, known = _plan(library, found.files, report)
+        index = _open_or_build_index(library, encoder)
+        total = len(found.files)
+        done = total - len(todo)
+        if progress:
+            progress(done, total)
+        last_save = time.monotonic()
+        if todo:
+            dataset = ImageFileDataset(todo, build_transform(encoder.data_config), draft_size_for(encoder.data_config),
+                                       with_facts=True)
+            workers = default_workers() if config.workers is None else config.workers
+            loader = make_loader(dataset, config.batch_size, workers if len(todo) > config.batch_size else 0)
+            for batch in loader:
+                _commit_batch(library, index, encoder, batch, known, report)
+                done += len(batch.items) + len(batch.failures)
+                if progress:
+                    progress(done, total)
+                if time.monotonic() - last_save > config.save_every_s:
+                    library.save_index(index)
+                    last_save = time.monotonic()
+        if config.prune:
+            report.removed = _prune(library, index, roots, set(found.files))
+        library.save_index(index)
+        report.report_path = os.fspath(library.paths.report)
+        _write_failures(library.paths.report, report.failed)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _prune(library, index, roots: Sequence[str | os.PathLike], present: set[str]) -> int:
+    """Forget indexed paths under ``roots`` that no longer exist on disk; returns how many."""
+    roots_abs = [os.path.abspath(os.fspath(r)) for r in roots]
+    gone_paths = [p for p, _, _ in library.store.iter_paths()
+                  if _under(p, roots_abs) and p not in present and not os.path.exists(p)]
+    if gone_paths:
+        _remove_from_index(library, index, library.store.remove_paths(gone_paths))
+    return len(gone_paths)
+
+
+def remove_paths(library, paths: Sequence[str | os.PathLike]) -> int:
+    """``engine remove``: forget these files (or every indexed file under these folders); their
+    vectors leave the index at once. Returns how many paths were forgotten."""
+    wanted = [os.path.abspath(os.fspath(p)) for p in paths]
+    with library.write_lock():
+        index = library.open_index()
+        known = [p for p, _, _ in library.store.iter_paths() if _under(p, wanted)]
+        if known:
+            _remove_from_index(library, index, library.store.remove_paths(known))
+            library.save_index(index)
+    return len(known)
+
+
+def reindex_library(library, *, model: str | None = None, factory: str | None = None,
+                    config: IngestConfig = IngestConfig(), progress: Progress | None = None,
+                    on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``engine reindex``: with ``model``, re-embed every indexed image with that encoder (the
+    library then remembers it); with only ``factory``, rebuild the index from stored embeddings
+    (no image decoded). Returns a summary dict."""
+    started = time.perf_counter()
+    with library.write_lock(on_wait):
+        if library.model_info() is None:
+            raise EngineError(f"no library in {library.paths.home} to reindex; run `engine ingest PATH` first")
+        summary: dict[str, Any] = {"reembedded": 0, "failed": 0}
+        if factory:
+            library.store.set_meta("index_factory", factory)
+        if model is not None:
+            encoder = library.set_model(model)
+            records = library.store.get_images(library.store.image_ids().tolist())
+            ordered = sorted(records.values(), key=lambda r: r.id)
+            dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
+                                       draft_size_for(encoder.data_config))
+            workers = default_workers() if config.workers is None else config.workers
+            library.store.clear_embeddings()
+            done, lost = 0, []
+            for batch in make_loader(dataset, config.batch_size, workers if len(ordered) > config.batch_size else 0):
+                if batch.items:
+                    vectors = encoder.embed(batch.images)
+                    library.store.put_embeddings([ordered[it.position].id for it in batch.items], vectors)
+                    summary["reembedded"] += len(batch.items)
+                lost.extend(ordered[it.position].id for it in batch.failures)
+                done += len(batch.items) + len(batch.failures)
+                if progress:
+                    progress(done, len(ordered))
+            if lost:  # files that vanished or broke since they were indexed cannot stay without a vector
+                library.store.remove_ids(lost)
+            summary["failed"] = len(lost)
+        index = library.rebuild_index(factory)
+        summary.update(vectors=index.ntotal, index=index.factory, model=library.model_info().to_dict(),
+                       seconds=round(time.perf_counter() - started, 3))
+    return summary
