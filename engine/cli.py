@@ -317,3 +317,47 @@ def demo(obj: Context, k, out_dir) -> None:
             click.echo(_format_hit(hit))
     click.echo(f"same-class hits in the top {k}: {result.same_class}/{result.total_hits}")
     click.echo(f"contact sheet: {result.sheet}")
+
+
+@main.command()
+@click.option("--repair", is_flag=True, help="Fix what can be fixed, saying what was done.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@handle_errors
+def doctor(obj: Context, repair, as_json) -> None:
+    """Check database against index against disk; with --repair, fix what can be fixed."""
+    from ingest.doctor import check_library
+
+    report = check_library(obj.library(), repair=repair)
+    if as_json:
+        _echo_json(report.to_dict())
+    else:
+        for line in report.lines():
+            click.echo(_printable(line))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--n", "n_vectors", default=100_000, show_default=True, type=click.IntRange(1000),
+              help="Synthetic vectors for the index benchmarks.")
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A photo folder for the ingest benchmark (default: the shipped sample).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--quick", is_flag=True, help="Fewer repetitions: a smoke run in well under a minute.")
+@pass_ctx
+@handle_errors
+def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
+    """Speed benchmarks: ingest vs bare model, decode with/without draft, query latency, index
+    types (build time, recall@10, queries/s, bytes/vector), metadata insert rate."""
+    from ingest.bench import BenchConfig, format_bench, run_bench
+
+    results = run_bench(BenchConfig(n_vectors=n_vectors, data=data, quick=quick, device=obj.device))
+    if out_path:
+        with open(out_path, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+    if as_json:
+        _echo_json(results)
+    else:
+        click.echo(format_bench(results))
