@@ -1,0 +1,90 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from engine.cli import main
+from tests.util import make_folder, make_image, tiny_checkpoint
+
+
+@pytest.fixture()
+def env(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "tiny.pt")
+    photos = tmp_path / "photos"
+    make_folder(photos, 5)
+    return tmp_path / "home", photos, ck
+
+
+def run(home, *args):
+    result = CliRunner().invoke(main, ["--home", str(home), "--device", "cpu", *map(str, args)])
+    return result
+
+
+def test_ingest_query_compare_info_json(env, tmp_path):
+    home, photos, ck = env
+    r = run(home, "ingest", photos, "--model", ck, "--batch-size", 2, "--workers", 0, "--json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output)
+    assert {k: summary[k] for k in ("added", "unchanged", "updated", "duplicates", "failed", "removed")} == \
+        {"added": 5, "unchanged": 0, "updated": 0, "duplicates": 0, "failed": 0, "removed": 0}
+
+    r = run(home, "query", photos / "img_002.png", "-k", 3, "--json")
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.output)
+    assert obj["query"] == str(photos / "img_002.png")
+    assert [h["rank"] for h in obj["hits"]] == [1, 2, 3]
+    assert obj["hits"][0]["path"] == str(photos / "img_002.png")
+    assert {"id", "score", "distance", "width", "height", "format"} <= set(obj["hits"][0])
+
+    r = run(home, "query", photos, "-k", 1, "--json")  # a folder is a batch: one line per image
+    lines = [json.loads(line) for line in r.output.splitlines()]
+    assert r.exit_code == 0 and len(lines) == 5
+    assert all(o["hits"][0]["path"] == o["query"] for o in lines)
+
+    r = run(home, "query", photos / "img_002.png", "-k", 2)
+    assert r.exit_code == 0 and "img_002.png" in r.output.splitlines()[2]
+
+    r = run(home, "compare", photos / "img_000.png", photos / "img_000.png", "--json")
+    assert r.exit_code == 0, r.output
+    verdict = json.loads(r.output)
+    assert verdict["verdict"] == "similar" and verdict["distance"] == pytest.approx(0, abs=1e-3)
+    r = run(home, "compare", photos / "img_000.png", photos / "img_001.png", "--threshold", "0")
+    assert r.exit_code == 0 and r.output.startswith("different")
+
+    r = run(home, "info", "--json")
+    facts = json.loads(r.output)
+    assert facts["images"] == 5 and facts["vectors"] == 5 and facts["model"]["backbone"] == "test_resnet"
+
+
+def test_errors_are_one_line_with_non_zero_exit(env, tmp_path):
+    home, photos, ck = env
+    r = run(home, "query", photos / "img_000.png")
+    assert r.exit_code == 1 and "no index" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+    run(home, "ingest", photos, "--model", ck, "--workers", 0)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    r = run(home, "query", bad)
+    assert r.exit_code == 1 and "bad.jpg" in r.output and "Traceback" not in r.output
+
+    r = run(home, "query", tmp_path / "missing.jpg")
+    assert r.exit_code == 1 and "missing.jpg" in r.output
+
+    r = run(home, "ingest", tmp_path / "nowhere", "--workers", 0)
+    assert r.exit_code == 1 and "nowhere" in r.output
+
+    other = tiny_checkpoint(tmp_path / "other.pt", backbone="test_efficientnet")
+    r = run(home, "query", photos / "img_000.png", "--model", other)
+    assert r.exit_code == 1 and "built with" in r.output and "reindex" in r.output
+
+    r = run(home, "compare", photos / "img_000.png", bad)
+    assert r.exit_code == 1 and "bad.jpg" in r.output and "Traceback" not in r.output
+
+
+def test_help_does_not_import_heavy_modules():
+    code = "import sys; from engine.cli import main; print(sorted(m for m in ('torch','timm','faiss','sqlalchemy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,54 @@
+"""Small builders shared by tests: seeded images and a tiny random-init encoder checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (40, 32), fmt: str | None = None) -> Path:
+    """A seeded RGB image: a coloured gradient with a seeded rectangle and noise, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, 3)
+    grad = np.linspace(0, 1, w)[None, :, None] * rng.integers(-120, 120, 3)
+    arr = np.clip(base + grad + rng.normal(0, 25, (h, w, 3)), 0, 255)
+    x0, y0 = rng.integers(0, w // 2), rng.integers(0, h // 2)
+    arr[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+def make_folder(root: Path, n: int, *, seed0: int = 0, suffix: str = ".png") -> list[Path]:
+    return [make_image(root / f"img_{i:03d}{suffix}", seed0 + i) for i in range(n)]
+
+
+def make_class_tree(root: Path, classes: int, per_class: int, size: int = 40) -> list[Path]:
+    """A folder-per-class tree where each class shares a colour scheme (so classes are separable)."""
+    paths = []
+    for c in range(classes):
+        rng = np.random.default_rng(1000 + c)
+        colour = rng.integers(0, 256, 3)
+        for i in range(per_class):
+            noise = np.random.default_rng(c * 100 + i).normal(0, 20, (size, size, 3))
+            arr = np.clip(colour + noise, 0, 255).astype(np.uint8)
+            p = root / f"class_{c}" / f"{i:02d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(p)
+            paths.append(p)
+    return paths
+
+
+def tiny_checkpoint(path: Path, backbone: str = "test_resnet", image_size: int = 32, head_dim: int | None = None) -> Path:
+    """A random-init tiny timm encoder saved as an engine checkpoint (seeded, so reproducible)."""
+    import torch
+
+    from engine.config import EncoderConfig
+    from engine.encoder import build_encoder, save_checkpoint
+
+    torch.manual_seed(0)
+    enc = build_encoder(EncoderConfig(backbone=backbone, pretrained=False, image_size=image_size, head_dim=head_dim))
+    return save_checkpoint(enc, path)
