@@ -361,3 +361,83 @@ def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
         _echo_json(results)
     else:
         click.echo(format_bench(results))
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise click.BadParameter("use comma-separated integers, e.g. 1,5,10") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter("K values must be positive")
+    return ks
+
+
+@main.command("eval")
+@click.argument("dataset", type=click.Path(exists=True))
+@click.option("--model", "models", multiple=True, default=("pretrained",), show_default=True,
+              help="pretrained or a checkpoint; repeat to compare models side by side.")
+@click.option("--protocol", default="loo", show_default=True, type=click.Choice(["loo", "split", "oneshot"]),
+              help="loo: every image queries all others; split: per-class query/gallery split; "
+                   "oneshot: one gallery image per class (N-way one-shot).")
+@click.option("--k", "ks", default="1,5,10", show_default=True, help="Comma-separated K for Recall@K / precision@K.")
+@click.option("--max-per-class", default=None, type=click.IntRange(1), help="Cap images per class (seeded).")
+@click.option("--pairs", "n_pairs", default=5000, show_default=True, type=click.IntRange(2),
+              help="Balanced pairs sampled for verification figures.")
+@click.option("--threshold", default=None, type=float, help="Distance threshold for verification (default: the model's).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Write plots, metrics.json and report.md here.")
+@click.option("--json", "as_json", is_flag=True, help="Every figure as JSON, one object per model.")
+@pass_ctx
+@handle_errors
+def eval_(obj: Context, dataset, models, protocol, ks, max_per_class, n_pairs, threshold, batch_size, workers, seed,
+          out_dir, as_json) -> None:
+    """Retrieval and verification metrics of one or more models on DATASET: a folder-per-class tree
+    or a pair CSV (img_a,img_b,label)."""
+    from engine.encoder import resolve_device
+    from engine.evaluate import EvalConfig, evaluate_models, format_table
+
+    config = EvalConfig(protocol=protocol, ks=_parse_ks(ks), batch_size=batch_size, workers=workers,
+                        max_per_class=max_per_class, n_pairs=n_pairs, seed=seed, threshold=threshold,
+                        device=str(resolve_device(obj.device)))
+    bar = _Counter("embed", enabled=not as_json)
+    try:
+        reports = evaluate_models(dataset, list(models), config, out_dir, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        for report in reports:
+            _echo_json(dict(report.metrics, model=report.model, dataset=report.dataset, protocol=report.protocol,
+                            images=report.images, classes=report.classes, per_class=report.per_class,
+                            failures=len(report.failures), files=report.files))
+        return
+    click.echo(format_table(reports))
+    worst = reports[0].per_class[:5]
+    if worst:
+        click.echo("worst classes (" + reports[0].name + "): " +
+                   ", ".join(f"{row.get('class', row.get('label'))} {row.get('map@r') or 0:.3f}" for row in worst))
+    if out_dir:
+        click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
+
+
+class _Counter:
+    """A tqdm bar fed with increments."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc, self.enabled, self.bar = desc, enabled, None
+
+    def __call__(self, n: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
