@@ -163,7 +163,8 @@ def _format_hit(hit) -> str:
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
-@click.option("--threshold", type=float, default=None, help="Mark hits within this L2 distance as similar.")
+@click.option("--threshold", is_flag=False, flag_value="model", default=None,
+              help="Mark hits within this L2 distance as similar; alone, the encoder's calibrated threshold.")
 @click.option("--model", default=None, help="Refuse unless the library was built with this model.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query, one per line.")
 @pass_ctx
@@ -179,6 +180,16 @@ def query(obj: Context, images, k, threshold, model, as_json) -> None:
         raise EngineError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
     if model is not None:
         library.check_model(model)
+    if threshold == "model":
+        from engine.encoder import DEFAULT_THRESHOLD
+
+        calibrated = library.encoder().threshold
+        threshold = DEFAULT_THRESHOLD if calibrated is None else calibrated
+    elif threshold is not None:
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise click.BadParameter(f"{threshold!r} is not a number", param_hint="--threshold") from None
     found = find_images(images, image_suffixes())
     if found.missing and not found.files:
         raise EngineError(_printable(f"{found.missing[0][0]}: {found.missing[0][1]}"))
