@@ -1,0 +1,690 @@
+"""Measure encoders on labelled images: the library function behind ``engine eval``.
+
+A dataset is either a folder-per-class tree (every image is scored as a retrieval query and random
+same/different-class pairs score verification) or a CSV of pairs ``img_a,img_b,label`` (verification
+only). Several encoders can be measured side by side on exactly the same images and pairs.
+
+CLI mapping (``engine eval DATASET [options]``)::
+
+    evaluate_models(DATASET, models=[--model ...] or ["pretrained"],
+                    config=EvalConfig(protocol=--protocol, ks=--k, batch_size=--batch-size,
+                                      workers=--workers, device=--device,
+                                      max_per_class=--max-per-class, n_pairs=--pairs, seed=--seed),
+                    out_dir=--out, progress=...)
+    print(format_table(reports))            # or json.dumps([r.to_dict() for r in reports]) for --json
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from engine.errors import DataError
+from engine.metrics import (
+    knn,
+    oneshot_accuracy,
+    pair_distances,
+    per_class_metrics,
+    per_class_metrics_split,
+    precision_recall_curve,
+    retrieval_metrics,
+    retrieval_metrics_split,
+    roc_curve,
+    sample_pairs,
+    verification_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("loo", "split", "oneshot")
+# Always reported, so that tables from different runs line up whatever --k asked for.
+STANDARD_KS = (1, 5, 10)
+# Bad CSV rows quoted in the error message before it says "and N more".
+_MAX_QUOTED = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How an evaluation runs.
+
+    protocol: "loo" (every image queries all the others), "split" (per class, a seeded
+        ``query_fraction`` of the images query a gallery of the rest) or "oneshot" (per class one
+        seeded gallery image; the rest query it: N-way one-shot). Ignored for a pair CSV.
+    ks: retrieval cut-offs; 1, 5 and 10 are always added.
+    batch_size, workers, device: embedding (workers None = engine.dataset.default_workers()).
+    max_per_class: keep at most this many images per class (a seeded choice), None = all.
+    n_pairs: verification pairs drawn from the evaluated images (half similar, half dissimilar).
+    seed: drives the per-class cap, the split, the pairs and the example queries.
+    threshold: the L2 distance judged for accuracy/precision/recall/F1; None = the model's own
+        (a checkpoint's calibrated threshold, else engine.encoder.DEFAULT_THRESHOLD).
+    examples: queries shown in retrieval_examples.png; example_k: hits shown per query.
+    """
+
+    protocol: str = "loo"
+    ks: tuple[int, ...] = STANDARD_KS
+    batch_size: int = 32
+    workers: int | None = None
+    max_per_class: int | None = None
+    n_pairs: int = 5000
+    seed: int = 0
+    device: str = "cpu"
+    query_fraction: float = 0.5
+    threshold: float | None = None
+    examples: int = 6
+    example_k: int = 5
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DataError(f"unknown protocol {self.protocol!r} (use {', '.join(PROTOCOLS)})")
+        ks = tuple(sorted({int(k) for k in self.ks} | set(STANDARD_KS)))
+        if ks[0] < 1:
+            raise DataError(f"--k values must be positive, got {self.ks}")
+        object.__setattr__(self, "ks", ks)
+        if self.max_per_class is not None and self.max_per_class < 2:
+            raise DataError(f"--max-per-class must be at least 2, got {self.max_per_class}")
+        if not 0.0 < self.query_fraction < 1.0:
+            raise DataError(f"query_fraction must lie strictly between 0 and 1, got {self.query_fraction}")
+        if self.n_pairs < 2:
+            raise DataError(f"--pairs must be at least 2, got {self.n_pairs}")
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """One model measured on one dataset.
+
+    metrics: folder datasets give "recall@K", "precision@K" (K in config.ks), "map@r", "map",
+        "r_precision", "queries" and, for oneshot, "oneshot_accuracy"; both kinds give the
+        verification figures "roc_auc", "eer", "eer_threshold", "threshold", "best_threshold",
+        "best_accuracy", "accuracy", "precision", "recall", "f1", "pairs", "positives".
+    per_class: rows worst first (see engine.metrics.per_class_metrics); empty for a pair CSV.
+    images: images embedded and scored; failures: (path, reason) of files that could not be read.
+    files: the figures and reports written, name -> path.
+    """
+
+    model: str
+    name: str
+    dataset: str
+    kind: str
+    protocol: str
+    images: int
+    classes: int
+    metrics: dict[str, float]
+    per_class: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (failures as {"path", "reason"} objects)."""
+        out = asdict(self)
+        out["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets
+
+
+@dataclass(frozen=True)
+class _ClassImages:
+    root: Path
+    paths: list[str]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+
+
+@dataclass(frozen=True)
+class PairList:
+    """A pair CSV read and checked: a, b absolute image paths; labels int64 [P] in {0, 1}."""
+
+    source: Path
+    a: list[str]
+    b: list[str]
+    labels: np.ndarray
+
+
+def read_pair_csv(path: str | Path) -> PairList:
+    """Read ``img_a,img_b,label`` rows; paths relative to the CSV's folder, labels 0 or 1.
+
+    A first row whose label cell is not a number is a header. Blank lines and lines starting with
+    ``#`` are skipped. Raises DataError naming the offending lines (wrong column count, label not 0/1,
+    missing file) or when there are no pairs.
+    """
+    path = Path(path)
+    base = path.parent
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read pair list {path}: {exc}") from None
+    a: list[str] = []
+    b: list[str] = []
+    labels: list[int] = []
+    bad: list[str] = []
+    first = True
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        cells = [c.strip() for c in row]
+        if first:
+            first = False
+            if len(cells) == 3 and not _is_number(cells[2]):
+                continue
+        if len(cells) != 3:
+            bad.append(f"line {line_no}: {len(cells)} columns, expected img_a,img_b,label")
+            continue
+        problems = []
+        label = _pair_label(cells[2])
+        if label is None:
+            problems.append(f"label {cells[2]!r} is not 0 or 1")
+        resolved = []
+        for cell in cells[:2]:
+            p = Path(cell).expanduser()
+            p = p if p.is_absolute() else base / p
+            if not cell:
+                problems.append("empty image path")
+            elif not p.is_file():
+                problems.append(f"no such file {cell}")
+            resolved.append(str(p))
+        if problems:
+            bad.append(f"line {line_no}: " + ", ".join(problems))
+            continue
+        a.append(resolved[0])
+        b.append(resolved[1])
+        labels.append(label)
+    if bad:
+        more = f"; and {len(bad) - _MAX_QUOTED} more" if len(bad) > _MAX_QUOTED else ""
+        raise DataError(f"{path}: {len(bad)} bad rows: " + "; ".join(bad[:_MAX_QUOTED]) + more)
+    if not labels:
+        raise DataError(f"{path} holds no pairs (expected rows img_a,img_b,label)")
+    return PairList(path, a, b, np.asarray(labels, np.int64))
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _pair_label(cell: str) -> int | None:
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return int(value) if value in (0.0, 1.0) else None
+
+
+def _load_classes(root: Path, max_per_class: int | None, seed: int) -> _ClassImages:
+    from engine.dataset import list_class_folder
+
+    if not root.is_dir():
+        raise DataError(f"no such dataset folder: {root}")
+    paths, labels, names = list_class_folder(root)
+    if not paths:
+        raise DataError(f"{root} holds no images in class folders (expected {root}/<class>/<image>)")
+    present = np.unique(labels)
+    if present.size < 2:
+        raise DataError(f"{root} has images in {present.size} class folder; evaluation needs at least two classes")
+    if max_per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = []
+        for label in present:
+            mine = np.flatnonzero(labels == label)
+            if mine.size > max_per_class:
+                mine = np.sort(rng.choice(mine, max_per_class, replace=False))
+            keep.append(mine)
+        chosen = np.concatenate(keep)
+        paths = [paths[i] for i in chosen]
+        labels = labels[chosen]
+    return _ClassImages(root, paths, labels, names)
+
+
+# --------------------------------------------------------------------------------------------------
+# one model
+
+
+@dataclass
+class _Figures:
+    """What the plots need from one model's run (kept out of the report)."""
+
+    pos: np.ndarray
+    neg: np.ndarray
+    threshold: float
+    roc: tuple[np.ndarray, np.ndarray, float]
+    pr: tuple[np.ndarray, np.ndarray]
+    embeddings: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    examples: tuple | None = None
+    pairs: tuple | None = None
+
+
+def _split_indices(labels: np.ndarray, protocol: str, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class seeded query/gallery split -> (query idx int64, gallery idx int64). A class of one
+    image goes to the gallery, where it can only be a distractor."""
+    rng = np.random.default_rng(seed)
+    queries, gallery = [], []
+    for label in np.unique(labels):
+        mine = rng.permutation(np.flatnonzero(labels == label))
+        if mine.size == 1:
+            gallery.append(mine)
+            continue
+        n_query = mine.size - 1 if protocol == "oneshot" else min(mine.size - 1, max(1, round(mine.size * fraction)))
+        queries.append(mine[:n_query])
+        gallery.append(mine[n_query:])
+    if not queries:
+        raise DataError("no class has two images: nothing can be queried")
+    return np.sort(np.concatenate(queries)), np.sort(np.concatenate(gallery))
+
+
+def _threshold_for(encoder, config: EvalConfig) -> float:
+    from engine.encoder import DEFAULT_THRESHOLD
+
+    if config.threshold is not None:
+        return float(config.threshold)
+    return float(encoder.threshold) if encoder.threshold is not None else float(DEFAULT_THRESHOLD)
+
+
+def _verification(distances: np.ndarray, same: np.ndarray, threshold: float) -> tuple[dict, _Figures]:
+    ver = verification_metrics(distances, same, threshold)
+    fpr, tpr, _ = roc_curve(distances, same)
+    precision, recall, _ = precision_recall_curve(distances, same)
+    figures = _Figures(pos=distances[same == 1], neg=distances[same == 0], threshold=threshold,
+                       roc=(fpr, tpr, ver["roc_auc"]), pr=(recall, precision))
+    return ver, figures
+
+
+def _examples(emb: np.ndarray, labels: np.ndarray, query_idx: np.ndarray, gallery_idx: np.ndarray | None,
+              config: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded example queries that can be scored, with their top hits.
+
+    Returns (queries int64 [E], hits int64 [E, k] (indices into emb), correct bool [E, k],
+    scores float32 [E, k]). gallery_idx None means leave-one-out over all of emb.
+    """
+    gallery = np.arange(emb.shape[0]) if gallery_idx is None else gallery_idx
+    in_gallery = np.bincount(labels[gallery], minlength=int(labels.max()) + 1)
+    # Leave-one-out: the query's own image is in the gallery but does not count.
+    needed = 2 if gallery_idx is None else 1
+    scorable = query_idx[in_gallery[labels[query_idx]] >= needed].astype(np.int64)
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(scorable, min(config.examples, scorable.size), replace=False))
+    k = min(config.example_k, gallery.size - (1 if gallery_idx is None else 0))
+    if chosen.size == 0 or k < 1:
+        empty = np.zeros((0, max(k, 0)))
+        return chosen, empty.astype(np.int64), empty.astype(bool), empty.astype(np.float32)
+    extra = 1 if gallery_idx is None else 0
+    scores, ids = knn(emb[chosen], emb[gallery], k + extra)
+    ids = gallery[ids]
+    if extra:
+        # Leave-one-out: drop the query itself, else (duplicates crowded it out) the last column.
+        drop = ids == chosen[:, None]
+        drop[~drop.any(axis=1), -1] = True
+        ids = ids[~drop].reshape(chosen.size, k)
+        scores = scores[~drop].reshape(chosen.size, k)
+    return chosen, ids, labels[ids] == labels[chosen][:, None], scores
+
+
+def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
+    from engine.dataset import embed_files
+    from engine.encoder import load_encoder, resolve_device
+
+    start = time.perf_counter()
+    encoder = load_encoder(model, resolve_device(config.device))
+    embedded = embed_files(encoder, data.paths, batch_size=config.batch_size, workers=config.workers,
+                           progress=progress)
+    log.info("embedded %d images with %s in %.1fs", len(embedded.positions), model, time.perf_counter() - start)
+    emb = embedded.embeddings
+    labels = data.labels[embedded.positions]
+    paths = [data.paths[p] for p in embedded.positions]
+    if emb.shape[0] == 0:
+        raise DataError(f"none of the {len(data.paths)} images in {data.root} could be read")
+
+    if config.protocol == "loo":
+        metrics = retrieval_metrics(emb, labels, config.ks)
+        per_class = per_class_metrics(emb, labels, data.class_names)
+        query_idx, gallery_idx = np.arange(emb.shape[0]), None
+    else:
+        query_idx, gallery_idx = _split_indices(labels, config.protocol, config.query_fraction, config.seed)
+        q, ql, g, gl = emb[query_idx], labels[query_idx], emb[gallery_idx], labels[gallery_idx]
+        metrics = retrieval_metrics_split(q, ql, g, gl, config.ks)
+        per_class = per_class_metrics_split(q, ql, g, gl, data.class_names)
+        if config.protocol == "oneshot":
+            metrics["oneshot_accuracy"] = oneshot_accuracy(q, ql, g, gl)
+
+    i, j, same = sample_pairs(labels, config.n_pairs, config.seed)
+    threshold = _threshold_for(encoder, config)
+    ver, figures = _verification(pair_distances(emb[i], emb[j]), same, threshold)
+    metrics.update(ver)
+    figures.embeddings, figures.labels, figures.class_names = emb, labels, data.class_names
+    chosen, hits, correct, scores = _examples(emb, labels, query_idx, gallery_idx, config)
+    figures.examples = ([paths[c] for c in chosen], [[paths[h] for h in row] for row in hits],
+                        correct.tolist(), scores.tolist())
+
+    report = EvalReport(
+        model=str(model), name=_model_name(model), dataset=str(data.root), kind="classes",
+        protocol=config.protocol, images=int(emb.shape[0]), classes=int(np.unique(labels).size),
+        metrics=metrics, per_class=per_class, failures=list(embedded.failures),
+        encoder=_encoder_facts(encoder), seconds=round(time.perf_counter() - start, 3))
+    return report, figures
+
+
+def _evaluate_pairs(data: PairList, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
+    from engine.dataset import embed_files
+    from engine.encoder import load_encoder, resolve_device
+
+    start = time.perf_counter()
+    encoder = load_encoder(model, resolve_device(config.device))
+    unique = sorted(set(data.a) | set(data.b))
+    embedded = embed_files(encoder, unique, batch_size=config.batch_size, workers=config.workers, progress=progress)
+    row_of = {unique[p]: n for n, p in enumerate(embedded.positions)}
+    usable = np.asarray([a in row_of and b in row_of for a, b in zip(data.a, data.b)], dtype=bool)
+    if not usable.any():
+        raise DataError(f"no pair in {data.source} has two readable images")
+    if not usable.all():
+        log.warning("%d pairs dropped: an image could not be read", int((~usable).sum()))
+    ia = np.asarray([row_of[a] for a, ok in zip(data.a, usable) if ok], np.int64)
+    ib = np.asarray([row_of[b] for b, ok in zip(data.b, usable) if ok], np.int64)
+    same = data.labels[usable]
+    distances = pair_distances(embedded.embeddings[ia], embedded.embeddings[ib])
+    threshold = _threshold_for(encoder, config)
+    metrics, figures = _verification(distances, same, threshold)
+    metrics["dropped_pairs"] = int((~usable).sum())
+    # Show the wrong verdicts first: they are what a reader of pairs.png wants to see.
+    a_kept = [a for a, ok in zip(data.a, usable) if ok]
+    b_kept = [b for b, ok in zip(data.b, usable) if ok]
+    wrong = (distances <= threshold) != (same == 1)
+    order = np.concatenate([np.flatnonzero(wrong), np.flatnonzero(~wrong)])[:16]
+    figures.pairs = ([(a_kept[n], b_kept[n]) for n in order], distances[order].tolist(), same[order].tolist())
+    report = EvalReport(
+        model=str(model), name=_model_name(model), dataset=str(data.source), kind="pairs", protocol="pairs",
+        images=int(embedded.embeddings.shape[0]), classes=0, metrics=metrics, per_class=[],
+        failures=list(embedded.failures), encoder=_encoder_facts(encoder),
+        seconds=round(time.perf_counter() - start, 3))
+    return report, figures
+
+
+def _model_name(model: str) -> str:
+    return "pretrained" if model == "pretrained" else Path(model).name
+
+
+def _encoder_facts(encoder) -> dict[str, Any]:
+    facts = dict(encoder.describe())
+    facts["identity"] = encoder.identity()
+    facts["threshold"] = encoder.threshold
+    facts["weights"] = encoder.metadata.get("checkpoint") or encoder.metadata.get("weights_source")
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def evaluate(dataset: str | Path, model: str = "pretrained", config: EvalConfig = EvalConfig(),
+             out_dir: str | Path | None = None, progress: Callable[[int], None] | None = None) -> EvalReport:
+    """Evaluate one encoder on ``dataset``; see ``evaluate_models`` (this is it with one model)."""
+    return evaluate_models(dataset, [model], config, out_dir, progress)[0]
+
+
+def evaluate_models(dataset: str | Path, models: Sequence[str], config: EvalConfig = EvalConfig(),
+                    out_dir: str | Path | None = None,
+                    progress: Callable[[int], None] | None = None) -> list[EvalReport]:
+    """Evaluate each encoder on the same images and pairs.
+
+    dataset: a folder-per-class tree or a pair CSV (``img_a,img_b,label``, see read_pair_csv).
+    models: "pretrained" or checkpoint paths (engine.encoder.load_encoder), in table order.
+    progress(n): called with the number of files finished after each batch, for every model.
+    out_dir: when given, writes metrics.json ({"reports": [EvalReport.to_dict(), ...]}), report.md,
+        roc.png and pr_curve.png (one curve per model), and per model distances.png,
+        retrieval_examples.png and embedding_2d.png (folder datasets) or pairs.png (pair CSVs);
+        with several models those per-model names get a ``_<model>`` suffix.
+
+    Raises DataError for unusable data, ModelError for an unusable model.
+    """
+    if not models:
+        raise DataError("no model to evaluate")
+    source = Path(dataset)
+    if not source.exists():
+        raise DataError(f"no such dataset: {source} (expected a folder-per-class tree or a pair CSV)")
+    if source.is_file():
+        data: Any = read_pair_csv(source)
+        runner = _evaluate_pairs
+    else:
+        data = _load_classes(source, config.max_per_class, config.seed)
+        runner = _evaluate_classes
+    results = [runner(data, str(model), config, progress) for model in models]
+    if out_dir is None:
+        return [report for report, _ in results]
+    return _write_outputs(results, config, Path(out_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+# formatting
+
+
+_ORDER = ("map@r", "map", "r_precision", "oneshot_accuracy", "roc_auc", "eer", "accuracy", "precision",
+          "recall", "f1", "threshold", "best_threshold", "best_accuracy", "eer_threshold", "queries", "pairs",
+          "positives", "dropped_pairs")
+
+
+def _metric_keys(reports: Sequence[EvalReport]) -> list[str]:
+    present: dict[str, None] = {}
+    for report in reports:
+        present.update(dict.fromkeys(report.metrics))
+
+    def rank(key: str) -> tuple:
+        match = re.fullmatch(r"(recall|precision)@(\d+)", key)
+        if match:
+            return (0, match.group(1) != "recall", int(match.group(2)))
+        return (1, _ORDER.index(key) if key in _ORDER else len(_ORDER), key)
+
+    return sorted(present, key=rank)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _table_rows(reports: Sequence[EvalReport]) -> tuple[list[str], list[list[str]]]:
+    header = ["metric"] + _unique_names(reports)
+    rows = [["images"] + [str(r.images) for r in reports],
+            ["unreadable"] + [str(len(r.failures)) for r in reports]]
+    for key in _metric_keys(reports):
+        rows.append([key] + [_cell(r.metrics.get(key)) for r in reports])
+    rows.append(["seconds"] + [f"{r.seconds:.1f}" for r in reports])
+    return header, rows
+
+
+def format_table(reports: Sequence[EvalReport]) -> str:
+    """One plain-text table, a row per metric and a column per model, under a line naming the data."""
+    if not reports:
+        return "no results"
+    first = reports[0]
+    if first.kind == "pairs":
+        intro = f"{first.dataset}: pair list, {first.metrics.get('pairs', 0)} pairs"
+    else:
+        intro = f"{first.dataset}: {first.images} images, {first.classes} classes, protocol {first.protocol}"
+    header, rows = _table_rows(reports)
+    widths = [max(len(row[c]) for row in [header] + rows) for c in range(len(header))]
+    lines = [intro, "  ".join(h.ljust(w) if c == 0 else h.rjust(w) for c, (h, w) in enumerate(zip(header, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        lines.append("  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if c == 0 else "---:" for c in range(len(header))) + "|"]
+    out += ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |" for row in rows]
+    return out
+
+
+def _unique_names(reports: Sequence[EvalReport]) -> list[str]:
+    names, seen = [], {}
+    for report in reports:
+        name = report.name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return names
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).stem if name != "pretrained" else name).strip("-") or "model"
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+
+
+def _write_outputs(results: list[tuple[EvalReport, _Figures]], config: EvalConfig, out_dir: Path) -> list[EvalReport]:
+    from engine import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = [r for r, _ in results]
+    names = _unique_names(reports)
+    several = len(results) > 1
+    suffixes, used = [], set()
+    for name in names:
+        slug = _slug(name)
+        while slug in used:
+            slug += "_"
+        used.add(slug)
+        suffixes.append(f"_{slug}" if several else "")
+
+    shared = {
+        "roc": plots.plot_roc({n: f.roc for n, (_, f) in zip(names, results)}, out_dir / "roc.png"),
+        "pr_curve": plots.plot_pr_curve({n: f.pr for n, (_, f) in zip(names, results)}, out_dir / "pr_curve.png"),
+    }
+    final = []
+    for name, suffix, (report, fig) in zip(names, suffixes, results):
+        files = dict(shared)
+        files["distances"] = plots.plot_distances(
+            fig.pos, fig.neg, fig.threshold, out_dir / f"distances{suffix}.png",
+            title=f"Pair distances, {name} (similar vs dissimilar)")
+        if fig.examples is not None and fig.examples[0]:
+            query_paths, hit_paths, correct, scores = fig.examples
+            files["retrieval_examples"] = plots.plot_retrieval_examples(
+                query_paths, hit_paths, correct, out_dir / f"retrieval_examples{suffix}.png", scores,
+                title=f"Retrieval examples, {name} (score: cosine similarity; red: wrong class)")
+        if fig.embeddings is not None:
+            files["embedding_2d"] = plots.plot_embedding_2d(
+                fig.embeddings, fig.labels, fig.class_names, out_dir / f"embedding_2d{suffix}.png", seed=config.seed,
+                title=f"Embeddings of {name}, 2-D PCA ({report.images} images, {report.classes} classes)")
+        if fig.pairs is not None and fig.pairs[0]:
+            pairs, distances, labels = fig.pairs
+            files["pairs"] = plots.plot_pairs(pairs, distances, labels, fig.threshold, out_dir / f"pairs{suffix}.png",
+                                              title=f"Pairs, {name}, threshold {fig.threshold:.3f} (wrong verdicts first)")
+        final.append(replace(report, files={k: str(v) for k, v in files.items()}))
+
+    metrics_path = out_dir / "metrics.json"
+    report_path = out_dir / "report.md"
+    final = [replace(r, files={**r.files, "metrics": str(metrics_path), "report": str(report_path)}) for r in final]
+    payload = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "config": asdict(config), "reports": [r.to_dict() for r in final]}
+    metrics_path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    report_path.write_text(_markdown_report(final, names, config, out_dir), encoding="utf-8")
+    log.info("wrote %s and %s", metrics_path, report_path)
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+_DEFINITIONS = """\
+- **recall@K**: share of queries with at least one image of their class among the K nearest.
+- **precision@K**: mean share of the K nearest that are of the query's class (always divided by K).
+- **map@r**: MAP@R (Musgrave et al., *A Metric Learning Reality Check*): with R the number of other
+  images of the query's class, the mean over the top R of precision@i at the right hits, divided by R.
+- **map**: mean average precision over the whole ranking (scikit-learn style, tied scores grouped).
+- **r_precision**: share of the top R that are of the query's class.
+- **roc_auc / eer**: pair verification with "similar iff L2 distance <= threshold": the chance a similar
+  pair is closer than a dissimilar one, and the error rate where false accepts equal false rejects.
+- **accuracy, precision, recall, f1**: verification at `threshold` (the model's own unless given);
+  **best_threshold** is the one that maximises accuracy on these pairs (`best_accuracy`).
+- Queries whose class has no other image are left out of the retrieval figures.
+"""
+
+
+def _markdown_report(reports: list[EvalReport], names: list[str], config: EvalConfig, out_dir: Path) -> str:
+    first = reports[0]
+    lines = [f"# Evaluation of {', '.join(names)} on {Path(first.dataset).name}", ""]
+    lines.append(f"- dataset: `{first.dataset}`")
+    if first.kind == "pairs":
+        lines.append(f"- kind: pair list, {first.metrics.get('pairs', 0)} pairs scored "
+                     f"({first.metrics.get('dropped_pairs', 0)} dropped over unreadable images)")
+    else:
+        protocol = {"loo": "leave-one-out (every image queries all others)",
+                    "split": f"per-class split, {config.query_fraction:.0%} queries, the rest the gallery",
+                    "oneshot": "one-shot (one gallery image per class, the rest query it)"}[first.protocol]
+        cap = f", at most {config.max_per_class} per class" if config.max_per_class else ""
+        lines.append(f"- images: {first.images} in {first.classes} classes{cap} (seed {config.seed})")
+        lines.append(f"- protocol: {protocol}")
+        lines.append(f"- verification: {first.metrics.get('pairs', 0)} random pairs, half similar")
+    lines.append(f"- generated: {datetime.now(timezone.utc).isoformat(timespec='seconds')}; "
+                 "all figures in [metrics.json](metrics.json)")
+    lines += ["", "## Summary", ""]
+    header, rows = _table_rows(reports)
+    lines += _markdown_table(header, rows)
+
+    lines += ["", "## Figures", ""]
+
+    def link(key: str, caption: str) -> None:
+        seen = []
+        for name, report in zip(names, reports):
+            target = report.files.get(key)
+            if target and target not in seen:
+                seen.append(target)
+                rel = Path(target).relative_to(out_dir).as_posix()
+                label = caption if len(reports) == 1 or key in ("roc", "pr_curve") else f"{caption}: {name}"
+                lines.extend([f"### {label}", "", f"[![{label}]({rel})]({rel})", ""])
+
+    link("roc", "ROC of pair verification")
+    link("pr_curve", "Precision-recall of pair verification")
+    link("distances", "Distances of similar and dissimilar pairs")
+    link("retrieval_examples", "Retrieval examples")
+    link("embedding_2d", "Embeddings in 2-D")
+    link("pairs", "Pairs and verdicts")
+
+    for name, report in zip(names, reports):
+        if report.per_class:
+            title = "Per class, worst first" + (f": {name}" if len(reports) > 1 else "")
+            lines += [f"## {title}", ""]
+            rows = [[row["class"], str(row["images"]), str(row["queries"]), _cell(row["recall@1"]),
+                     _cell(row["map@r"]), row.get("confused_with") or "-"] for row in report.per_class]
+            lines += _markdown_table(["class", "images", "queries", "recall@1", "map@r", "most confused with"], rows)
+            lines.append("")
+    for name, report in zip(names, reports):
+        if report.failures:
+            lines += [f"## Unreadable files ({len(report.failures)})" + (f": {name}" if len(reports) > 1 else ""), ""]
+            lines += [f"- `{p}`: {reason}" for p, reason in report.failures[:50]]
+            if len(report.failures) > 50:
+                lines.append(f"- ... and {len(report.failures) - 50} more (see metrics.json)")
+            lines.append("")
+    lines += ["## Definitions", "", _DEFINITIONS]
+    return "\n".join(lines)
