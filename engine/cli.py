@@ -452,3 +452,59 @@ class _Counter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@main.command()
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
+@click.option("--preset", type=click.Choice(["cpu-quick", "gpu"]), default=None,
+              help="cpu-quick: useful in <= 20 min on 2 CPU cores; gpu: the defaults.")
+@click.option("--loss", type=click.Choice(["contrastive", "triplet", "multi-similarity"]), default=None)
+@click.option("--miner", type=click.Choice(["all", "batch-hard", "semi-hard"]), default=None)
+@click.option("--margin", type=float, default=None, help="Loss margin on the L2 distance.")
+@click.option("--epochs", type=click.IntRange(0), default=None)
+@click.option("--batch-size", type=click.IntRange(2), default=None)
+@click.option("--classes-per-batch", type=click.IntRange(2), default=None, help="P of a P x K batch.")
+@click.option("--images-per-class", type=click.IntRange(2), default=None, help="K of a P x K batch.")
+@click.option("--lr", type=float, default=None, help="Head learning rate (Adam).")
+@click.option("--backbone-lr", type=float, default=None, help="Backbone learning rate (default lr/10).")
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--dim", type=click.IntRange(2), default=None, help="Projection head size (default: backbone width).")
+@click.option("--backbone", default=None, help="Any timm model name (default tf_efficientnet_lite0).")
+@click.option("--image-size", type=click.IntRange(16), default=None)
+@click.option("--freeze-epochs", type=click.IntRange(0), default=None, help="Keep the backbone frozen this long.")
+@click.option("--train-stages", type=click.IntRange(0), default=None, help="Train only the last N backbone stages.")
+@click.option("--val-classes", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of classes held out for validation (split by class, seeded).")
+@click.option("--val", default=None, type=click.Path(exists=True), help="A separate validation folder or pair CSV.")
+@click.option("--max-per-class", type=click.IntRange(2), default=None)
+@click.option("--workers", type=click.IntRange(0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_ctx
+@handle_errors
+def train(obj: Context, data, out_dir, as_json, resume, **options) -> None:
+    """Fine-tune a Siamese encoder on DATA: a folder-per-class tree or a pair CSV (img_a,img_b,label).
+    Writes checkpoint.pt (with the calibrated threshold), metrics.jsonl and plots to --out."""
+    import dataclasses
+
+    from train.loop import TqdmProgress, TrainConfig
+    from train.loop import train as run_training
+
+    given = {k: v for k, v in options.items() if v is not None}
+    config = dataclasses.replace(TrainConfig(), device=obj.device, **given)
+    result = run_training(data, out_dir, config, progress=None if as_json else TqdmProgress(file=sys.stderr),
+                          resume=resume)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    best = result.best_metrics
+    figures = ", ".join(f"{k} {best[k]:.4f}" for k in ("recall@1", "recall@5", "map@r", "roc_auc", "accuracy")
+                        if isinstance(best.get(k), (int, float)))
+    click.echo(f"best epoch {result.best_epoch} ({result.select_metric}): {figures}")
+    if result.threshold is not None:
+        click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
+    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)")
