@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from db.models import Alias, Base, Embedding, Image, Meta
@@ -73,6 +74,20 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def _is_corruption(exc: BaseException | None) -> bool:
+    """True for SQLite's "database disk image is malformed" and "file is not a database"."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
 def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
@@ -85,21 +100,41 @@ def _now() -> datetime:
 class MetadataStore:
     """Images, aliases, embeddings and library facts in one SQL database (SQLite by default)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, on_corrupt: Callable[[str], Exception] | None = None):
+        """on_corrupt(message) makes the exception raised whenever SQLite finds the file damaged,
+        at open or by any later read or write (default: StoreError)."""
         self.url = url
+        parsed = make_url(url)
+        self.where = parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database \
+            else parsed.render_as_string(hide_password=True)
+        self._on_corrupt = on_corrupt or StoreError
         try:
             self.engine: Engine = create_engine(url)
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "handle_error", self._handle_error)
             Base.metadata.create_all(self.engine)
             with self.engine.begin() as conn:
                 found = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
                 if found is None:
                     conn.execute(insert(Meta).values(key="schema_version", value=json.dumps(SCHEMA_VERSION)))
                 elif json.loads(found) > SCHEMA_VERSION:
-                    raise StoreError(f"database {url} was written by a newer engine (schema {found})")
+                    raise StoreError(f"database {self.where} was written by a newer engine (schema {found})")
         except (DatabaseError, OperationalError) as exc:
-            raise StoreError(f"database {url} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
+            raise StoreError(f"database {self.where} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
+
+    def _handle_error(self, context) -> None:
+        if _is_corruption(context.original_exception):
+            raise self._on_corrupt(f"database file {self.where} is damaged ({context.original_exception})") from None
+
+    def integrity_errors(self, limit: int = 20) -> list[str]:
+        """SQLite's own page-level check (``PRAGMA quick_check``): an empty list when the file is
+        sound. Reads the whole file, so it is for ``engine doctor``, not for every open."""
+        if self.engine.dialect.name != "sqlite":
+            return []
+        with self.engine.connect() as conn:
+            rows = [str(r[0]) for r in conn.exec_driver_sql(f"PRAGMA quick_check({int(limit)})").all()]
+        return [] if rows == ["ok"] else rows
 
     @classmethod
     def for_file(cls, path: str | os.PathLike) -> "MetadataStore":
@@ -303,6 +338,13 @@ class MetadataStore:
                     conn.execute(delete(Image).where(Image.id == row.id))
                     gone.append(int(row.id))
         return gone
+
+    def delete_embeddings(self, ids: Sequence[int]) -> None:
+        """Drop the stored vectors of these rows, keeping the rows (repair of malformed vectors)."""
+        with self.engine.begin() as conn:
+            for chunk in _chunks([int(i) for i in ids]):
+                conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
+            self._bump(conn)
 
     def remove_ids(self, ids: Sequence[int]) -> None:
         """Delete rows (and their vectors and aliases) by id."""

@@ -300,7 +300,7 @@ def remove(obj: Context, paths) -> None:
     """Forget PATHS (files, or every indexed file under folders); they never come back from a query."""
     from ingest.pipeline import remove_paths
 
-    n = remove_paths(obj.library(), paths)
+    n = remove_paths(obj.library(), paths, on_wait=_waiting)
     click.echo(f"removed {n} path(s)")
 
 
@@ -339,7 +339,7 @@ def doctor(obj: Context, repair, as_json) -> None:
     """Check database against index against disk; with --repair, fix what can be fixed."""
     from ingest.doctor import check_library
 
-    report = check_library(obj.library(), repair=repair)
+    report = check_library(obj.library(), repair=repair, on_wait=_waiting)
     if as_json:
         _echo_json(report.to_dict())
     else:

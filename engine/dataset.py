@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -69,6 +70,8 @@ class ImageFileDataset(Dataset):
         try:
             if self.with_facts:
                 st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode):  # a fifo would block the read, a device never end it
+                    raise ImageError("is a directory, not an image" if stat.S_ISDIR(st.st_mode) else "not a regular file")
                 item.size, item.mtime = st.st_size, st.st_mtime
                 with open(path, "rb") as fh:
                     data = fh.read()

@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -24,6 +26,49 @@ from engine.config import IndexConfig, LibraryPaths, default_home
 from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelMismatchError
 
 log = logging.getLogger(__name__)
+
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A crash-test hook at the points where a crash matters (``batch-embedded``, ``commit``,
+    ``batch-committed``, ``index-replaced``). Does nothing unless the environment asks:
+    ENGINE_FAULT=NAME:N kills this process with SIGKILL (exactly as ``kill -9``) the Nth time NAME
+    is reached; ENGINE_FAULT_DELAY=SECONDS sleeps at every ``batch-committed`` (to widen the window
+    in which another process can watch an ingest)."""
+    delay = os.environ.get("ENGINE_FAULT_DELAY")
+    if delay and name == "batch-committed":
+        time.sleep(float(delay))
+    spec = os.environ.get("ENGINE_FAULT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target != name:
+        return
+    _fault_hits[name] = _fault_hits.get(name, 0) + 1
+    if _fault_hits[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def stale_temp_files(home: Path) -> list[Path]:
+    """Temporary index files (``.index.faiss.PID.tmp``, ``.index.json.PID.tmp``) left by a writer
+    that died mid-save. They are never read; this finds them so they can be deleted."""
+    found = []
+    for path in sorted(Path(home).glob(".index.*.tmp")):
+        pid = path.name.split(".")[-2]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            found.append(path)
+    return found
 
 
 @dataclass(frozen=True)
@@ -53,21 +98,36 @@ class Library:
         self.database_url = database_url or os.environ.get("ENGINE_DATABASE_URL")
         self._store = None
         self._encoder = None
+        self._lock_depth = 0
 
     # -- parts ---------------------------------------------------------------------------------
     @property
     def store(self):
-        """The MetadataStore, opened on first use (creating the home folder)."""
+        """The MetadataStore, opened on first use (creating the home folder).
+
+        A damaged database raises CorruptFileError naming the file, both here and from any later
+        read; it is never overwritten."""
         if self._store is None:
             from db.store import MetadataStore, StoreError
 
             self.paths.home.mkdir(parents=True, exist_ok=True)
             url = self.database_url or f"sqlite:///{self.paths.database}"
             try:
-                self._store = MetadataStore(url)
+                store = MetadataStore(url, on_corrupt=self._corrupt_database)
             except StoreError as exc:
-                raise CorruptFileError(f"{exc}; move it aside and run `engine reindex`, or restore a backup") from None
+                raise CorruptFileError(f"{exc} (`engine doctor` checks the whole library)") from None
+            if os.environ.get("ENGINE_FAULT", "").startswith("commit:"):
+                from sqlalchemy import event
+
+                event.listen(store.engine, "commit", lambda _conn: fault_point("commit"))
+            self._store = store
         return self._store
+
+    @staticmethod
+    def _corrupt_database(message: str) -> CorruptFileError:
+        return CorruptFileError(f"{message}; it cannot be repaired automatically and is left untouched: restore a "
+                                "backup, or move it aside and run `engine ingest PATH` again "
+                                "(`engine doctor` checks the whole library)")
 
     def exists(self) -> bool:
         """True when this home holds a library that has a model (something was ingested or set up)."""
@@ -89,13 +149,22 @@ class Library:
         """The library's encoder, rebuilt from the checkpoint saved in its home."""
         if self._encoder is None:
             from engine.encoder import load_checkpoint, resolve_device
+            from engine.errors import ModelError
 
-            if self.model_info() is None:
+            info = self.model_info()
+            if info is None:
                 raise IndexMissingError(f"no library in {self.paths.home} yet; run `engine ingest PATH` first")
             if not self.paths.encoder.exists():
                 raise CorruptFileError(f"the library's encoder file {self.paths.encoder} is missing; "
-                                       "run `engine reindex --model pretrained|CHECKPOINT` to rebuild")
-            self._encoder = load_checkpoint(self.paths.encoder, resolve_device(self.device))
+                                       "run `engine doctor --repair` to restore it")
+            try:
+                encoder = load_checkpoint(self.paths.encoder, resolve_device(self.device))
+            except ModelError as exc:
+                raise CorruptFileError(f"{exc}; run `engine doctor --repair` to restore the library's encoder") from None
+            if encoder.identity() != info.identity:  # queries would be compared with another model's vectors
+                raise ModelMismatchError(f"encoder file {self.paths.encoder} is not the encoder this library's vectors "
+                                         f"were made with ({info.spec}); run `engine doctor --repair`")
+            self._encoder = encoder
         return self._encoder
 
     def set_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None,
@@ -171,7 +240,14 @@ class Library:
             if state.get("generation") != self.store.generation() or state.get("ntotal") != index.ntotal:
                 self.reconcile(index)
         else:
-            index = self.rebuild_index()
+            generation = self.store.generation()
+            index = self.rebuild_index(save=False)
+            try:  # a reader saves the rebuilt index only while no writer is at work
+                with self.write_lock(wait=False):
+                    if not self.paths.index.exists():
+                        self.save_index(index, generation=generation)
+            except (LockError, OSError):
+                pass
         if required and index.ntotal == 0 and self.store.count() == 0:
             raise IndexMissingError(f"the library in {self.paths.home} is empty; run `engine ingest PATH` first")
         return index
@@ -207,6 +283,7 @@ class Library:
         if info is None:
             raise IndexMissingError(f"no library in {self.paths.home} yet")
         factory = factory or self.index_config().factory
+        generation = self.store.generation()  # taken first: the index holds at least this much
         index = VectorIndex.build(info.dim, factory)
         if not index.is_trained:
             sample = [v for _, v in self.store.iter_embeddings(info.dim, batch=100000)][:1]
@@ -221,14 +298,25 @@ class Library:
         for ids, vectors in self.store.iter_embeddings(info.dim):
             index.add(vectors, ids)
         if save:
-            self.save_index(index)
+            self.save_index(index, generation=generation)
         return index
 
-    def save_index(self, index) -> None:
-        """Save the index, then record the database generation it reflects (both atomically)."""
+    def save_index(self, index, *, generation: int | None = None) -> None:
+        """Save the index, then record the database generation it reflects (both atomically).
+
+        generation: the one the index reflects when it was built from an earlier read (default: the
+        current one, right for a writer holding the write lock). Recording an older generation is
+        always safe: the next open just reconciles by id. Temporary files left by a writer that
+        died mid-save are deleted."""
         self.paths.home.mkdir(parents=True, exist_ok=True)
+        if generation is None:
+            generation = self.store.generation()
+        for stale in stale_temp_files(self.paths.home):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         index.save(self.paths.index)
-        state = {"generation": self.store.generation(), "ntotal": index.ntotal, "factory": index.factory}
+        fault_point("index-replaced")
+        state = {"generation": generation, "ntotal": index.ntotal, "factory": index.factory}
         tmp = self.paths.index_state.with_name(f".{self.paths.index_state.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.paths.index_state)
@@ -237,7 +325,15 @@ class Library:
     @contextlib.contextmanager
     def write_lock(self, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[None]:
         """Hold the library's write lock: a second writer waits (after calling ``on_wait``) or, with
-        wait=False, gets LockError. Readers never take it."""
+        wait=False, gets LockError. Readers never take it. Re-entrant within one Library object
+        (``engine doctor --repair`` re-ingests changed files while holding it)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.paths.home.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
@@ -253,9 +349,11 @@ class Library:
                 if on_wait:
                     on_wait()
                 fcntl.flock(fh, fcntl.LOCK_EX)
+            self._lock_depth = 1
             try:
                 yield
             finally:
+                self._lock_depth = 0
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def close(self) -> None:

@@ -128,6 +128,8 @@ def open_image(source: Source, *, draft_size: int | None = None) -> tuple[Image.
             raise ImageError(f"no such file: {path}")
         if path.is_dir():
             raise ImageError(f"is a directory, not an image: {path}")
+        if not path.is_file():  # a fifo would block the read, a device never end it
+            raise ImageError(f"not a regular file: {path}")
         fp = path
     else:
         fp = source

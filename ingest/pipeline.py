@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from engine.dataset import ImageFileDataset, default_workers, make_loader
 from engine.errors import EngineError
 from engine.files import find_images
+from engine.library import fault_point
 from engine.preprocess import build_transform, draft_size_for, image_suffixes
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,9 @@ def _plan(library, files: Sequence[str], report: IngestReport) -> tuple[list[str
         except OSError as exc:
             report.failed.append((path, f"cannot stat: {exc.strerror or exc}"))
             continue
+        if not stat.S_ISREG(st.st_mode):  # a fifo or device named like an image would block or never end
+            report.failed.append((path, "not a regular file"))
+            continue
         state = known.get(path)
         if state is not None and state.bytes == st.st_size and state.mtime == st.st_mtime:
             report.unchanged += 1
@@ -131,7 +136,9 @@ def _commit_batch(library, index, encoder, batch, known: dict, report: IngestRep
             embed_rows.append(position)
             report.added += state is None
     vectors = encoder.embed(batch.images[embed_rows]) if embed_rows else None
+    fault_point("batch-embedded")
     ids, gone = library.store.write_batch(new_rows, vectors, replaced_paths=replaced, aliases=aliases, touched=touched)
+    fault_point("batch-committed")
     report.embedded += len(ids)
     if gone:
         _remove_from_index(library, index, gone)
@@ -216,11 +223,12 @@ def _prune(library, index, roots: Sequence[str | os.PathLike], present: set[str]
     return len(gone_paths)
 
 
-def remove_paths(library, paths: Sequence[str | os.PathLike]) -> int:
+def remove_paths(library, paths: Sequence[str | os.PathLike], *, on_wait: Callable[[], None] | None = None) -> int:
     """``engine remove``: forget these files (or every indexed file under these folders); their
-    vectors leave the index at once. Returns how many paths were forgotten."""
+    vectors leave the index at once. Returns how many paths were forgotten. on_wait: called when
+    another writer holds the library and this call waits for it."""
     wanted = [os.path.abspath(os.fspath(p)) for p in paths]
-    with library.write_lock():
+    with library.write_lock(on_wait):
         index = library.open_index()
         known = [p for p, _, _ in library.store.iter_paths() if _under(p, wanted)]
         if known:
@@ -249,6 +257,9 @@ def reindex_library(library, *, model: str | None = None, factory: str | None = 
             dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
                                        draft_size_for(encoder.data_config))
             workers = default_workers() if config.workers is None else config.workers
+            # Vectors are replaced under the same ids here, so an index holding old ones could never be
+            # reconciled by id: it goes first, and a crash from now on leaves only a rebuild to do.
+            library.paths.index.unlink(missing_ok=True)
             library.store.clear_embeddings()
             done, lost = 0, []
             for batch in make_loader(dataset, config.batch_size, workers if len(ordered) > config.batch_size else 0):

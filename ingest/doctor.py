@@ -1,0 +1,554 @@
+"""``engine doctor``: check the database against the index against the disk, and repair what can be
+repaired.
+
+What is checked: the database file (SQLite's own page check), the encoder file against the model the
+database remembers, rows without a stored vector, malformed or orphaned vectors, indexed files that
+are gone or changed on disk, the index file (readable, right dimension, same ids as the stored
+embeddings, and for exact indexes the same vectors) and temporary files left by a writer that died.
+
+What ``--repair`` does, under the library's write lock: restore the encoder file from the model the
+library was built with (when that still exists and matches), move an unreadable index file aside
+and rebuild the index from the stored embeddings, drop files that are gone, re-embed rows that lost
+their vector, re-ingest changed files, and delete stale temporary files. A damaged database is never
+touched: it is reported with its file name, and only a backup or a fresh ingest can replace it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from engine.errors import CorruptFileError, EngineError
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "problem"
+NOTE = "note"  # harmless, fixed by itself on the next open (or just tidied by --repair)
+_EXAMPLES = 3
+
+
+@dataclass
+class Finding:
+    """One thing doctor found. severity: ``problem`` (makes the library not ok) or ``note``;
+    repairable: whether ``--repair`` can fix it; examples: a few paths or ids."""
+
+    code: str
+    message: str
+    severity: str = PROBLEM
+    repairable: bool = True
+    count: int = 1
+    examples: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        text = f"{self.severity}: {self.message}"
+        if self.examples:
+            text += f" (e.g. {', '.join(self.examples)})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "message": self.message,
+                "repairable": self.repairable, "count": self.count, "examples": self.examples}
+
+
+@dataclass
+class DoctorReport:
+    """findings: what the check found; actions: what --repair did; remaining: findings of the check
+    run again after the repair (None without --repair or when nothing needed repairing)."""
+
+    home: str
+    repair: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    actions: list[str] = field(default_factory=list)
+    remaining: list[Finding] | None = None
+
+    @property
+    def problems(self) -> list[Finding]:
+        """Problems still there: after a repair, those its re-check found."""
+        current = self.findings if self.remaining is None else self.remaining
+        return [f for f in current if f.severity == PROBLEM]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        out = [_facts_line(self.home, self.facts)]
+        out += [f.line() for f in self.findings]
+        out += [f"repaired: {a}" for a in self.actions]
+        if self.remaining is not None:
+            out += [f"still: {f.line()}" for f in self.remaining if f.severity == PROBLEM]
+        if self.ok:
+            if not self.findings:
+                out.append("ok: database, index and files agree")
+            elif self.remaining is not None:
+                out.append("ok: repaired; database, index and files agree")
+            else:
+                out.append("ok: nothing needs repairing (notes only)")
+        elif not self.repair and any(f.repairable for f in self.problems):
+            out.append("run `engine doctor --repair` to fix what can be fixed")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"home": self.home, "ok": self.ok, "repair": self.repair, "facts": self.facts,
+                "findings": [f.to_dict() for f in self.findings], "actions": list(self.actions),
+                "remaining": None if self.remaining is None else [f.to_dict() for f in self.remaining]}
+
+
+def _facts_line(home: str, facts: dict[str, Any]) -> str:
+    if "images" not in facts:
+        return f"library {home}"
+    text = (f"library {home}: {facts['images']} images, {facts['aliases']} aliases, "
+            f"{facts['embeddings']} stored embeddings, "
+            + ("an unreadable index" if facts.get("vectors") is None else f"{facts['vectors']} indexed vectors"))
+    model = facts.get("model")
+    if model:
+        text += f"; model {model['backbone']} ({model['dim']}-d)"
+    return text
+
+
+@dataclass
+class _State:
+    """What the inspection learned, for the repair."""
+
+    usable: bool = False  # the database could be read and has a model
+    encoder_bad: bool = False
+    index_bad: bool = False  # unreadable, wrong dimension or duplicate ids: move aside, rebuild
+    index_rebuild: bool = False  # readable but its vectors differ from the stored ones
+    orphan_vectors: list[int] = field(default_factory=list)
+    bad_vectors: list[int] = field(default_factory=list)
+    missing_paths: list[str] = field(default_factory=list)
+    changed_paths: list[str] = field(default_factory=list)
+    temp_files: list[Path] = field(default_factory=list)
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _examples(items) -> list[str]:
+    return [str(x) for x in list(items)[:_EXAMPLES]]
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0] if text else text
+
+
+def check_library(library, *, repair: bool = False, on_wait: Callable[[], None] | None = None,
+                  config=None) -> DoctorReport:
+    """Check ``library``; with repair=True fix what can be fixed (under its write lock) and check
+    again. Never raises for a damaged file: each one is a finding. config: the IngestConfig used to
+    re-embed and re-ingest (default: small batches, decoding in-process)."""
+    paths = library.paths
+    report = DoctorReport(home=os.fspath(paths.home), repair=repair)
+    if library.database_url is None and not paths.database.exists():
+        leftovers = [p.name for p in (paths.index, paths.encoder) if p.exists()]
+        if leftovers:
+            report.findings.append(Finding(
+                "database-missing", f"database file {paths.database} is missing but {' and '.join(leftovers)} "
+                "remain: the records cannot be rebuilt from them; restore a backup, or move the folder aside "
+                "and run `engine ingest PATH` again", repairable=False))
+        else:
+            report.findings.append(Finding("empty", f"no library in {paths.home} yet; run `engine ingest PATH` "
+                                                    "first", severity=NOTE, repairable=False))
+        return report
+    if not repair:
+        _inspect(library, report.findings, report.facts)
+        return report
+    with library.write_lock(on_wait):
+        state = _inspect(library, report.findings, report.facts)
+        if state.usable and any(f.repairable for f in report.findings):
+            _repair(library, state, report, config)
+            report.remaining, report.facts = [], {}
+            _inspect(library, report.remaining, report.facts)
+    return report
+
+
+# -- inspection ----------------------------------------------------------------------------------
+def _inspect(library, findings: list[Finding], facts: dict[str, Any]) -> _State:
+    state = _State()
+    try:
+        store = library.store
+        damage = store.integrity_errors()
+        if damage:
+            findings.append(Finding(
+                "database-damaged", f"database file {store.where} is damaged ({_first_line(damage[0])}); it "
+                "cannot be repaired automatically and is left untouched: restore a backup, or move it aside and "
+                "run `engine ingest PATH` again", repairable=False))
+            return state
+        info = library.model_info()
+        if info is None:
+            facts.update(images=store.count(), aliases=store.count_aliases(), embeddings=store.count_embeddings())
+            findings.append(Finding("empty", "nothing has been ingested yet", severity=NOTE, repairable=False))
+            return state
+        state.usable = True
+        facts.update(images=store.count(), aliases=store.count_aliases(), embeddings=store.count_embeddings(),
+                     generation=store.generation(), model=info.to_dict())
+        _check_encoder(library, info, state, findings)
+        image_ids, embedding_ids = _check_rows(library, info, state, findings)
+        _check_files(library, state, findings)
+        _check_index(library, info, embedding_ids, state, findings, facts)
+        state.temp_files = _stale_temp_files(library)
+        if state.temp_files:
+            findings.append(Finding("temp-files", f"{_n(len(state.temp_files), 'temporary index file')} left by "
+                                    "an interrupted save (never read; deleted by the next save)", severity=NOTE,
+                                    count=len(state.temp_files), examples=_examples(p.name for p in state.temp_files)))
+    except CorruptFileError as exc:  # damage that only a read reached
+        findings.append(Finding("database-damaged", str(exc), repairable=False))
+        state.usable = False
+    return state
+
+
+def _stale_temp_files(library) -> list[Path]:
+    from engine.library import stale_temp_files
+
+    return stale_temp_files(library.paths.home)
+
+
+def _check_encoder(library, info, state: _State, findings: list[Finding]) -> None:
+    from engine.encoder import load_checkpoint
+    from engine.errors import ModelError
+
+    path = library.paths.encoder
+    hint = (f"`engine doctor --repair` restores it from {info.spec} if that still matches, "
+            f"else `engine reindex --model MODEL` re-embeds the library")
+    if not path.exists():
+        state.encoder_bad = True
+        findings.append(Finding("encoder-missing", f"encoder file {path} is missing; {hint}"))
+        return
+    try:
+        identity = load_checkpoint(path, "cpu").identity()
+    except ModelError as exc:
+        state.encoder_bad = True
+        findings.append(Finding("encoder-unreadable", f"{exc}; {hint}"))
+        return
+    if identity != info.identity:
+        state.encoder_bad = True
+        findings.append(Finding("model-mismatch", f"encoder file {path} is encoder {identity}, but the stored "
+                                f"vectors were made by {info.identity} ({info.spec}); {hint}"))
+
+
+def _check_rows(library, info, state: _State, findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
+    from sqlalchemy import func, select
+
+    from db.models import Embedding
+
+    store = library.store
+    image_ids = store.image_ids()
+    embedding_ids = store.embedding_ids()
+    without = np.setdiff1d(image_ids, embedding_ids, assume_unique=True)
+    orphans = np.setdiff1d(embedding_ids, image_ids, assume_unique=True)
+    with store.engine.connect() as conn:
+        bad = conn.scalars(select(Embedding.image_id)
+                           .where(func.length(Embedding.vector) != info.dim * 4)).all()
+    state.orphan_vectors = [int(i) for i in orphans]
+    state.bad_vectors = [int(i) for i in bad]
+    if len(without):
+        findings.append(Finding("rows-without-vectors", f"{_n(len(without), 'image')} without a stored vector (not "
+                                "searchable); repair re-embeds them from their files", count=len(without),
+                                examples=[f"id {i}" for i in without[:_EXAMPLES]]))
+    if len(orphans):
+        findings.append(Finding("vectors-without-rows", f"{_n(len(orphans), 'stored vector')} belonging to no "
+                                "image; repair deletes them", count=len(orphans),
+                                examples=[f"id {i}" for i in orphans[:_EXAMPLES]]))
+    if bad:
+        findings.append(Finding("malformed-vectors", f"{_n(len(bad), 'stored vector')} not made of {info.dim} "
+                                "float32 values; repair re-embeds them", count=len(bad),
+                                examples=[f"id {i}" for i in bad[:_EXAMPLES]]))
+    bad_set = set(state.bad_vectors) | set(state.orphan_vectors)
+    usable = np.asarray([i for i in embedding_ids if int(i) not in bad_set], np.int64) if bad_set else embedding_ids
+    return image_ids, usable
+
+
+def _known_files(store) -> list[tuple[str, int, float]]:
+    from sqlalchemy import select
+
+    from db.models import Alias, Image
+
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(Image.path, Image.bytes, Image.mtime)).all()
+        rows += conn.execute(select(Alias.path, Alias.bytes, Alias.mtime)).all()
+    return [(r.path, r.bytes, r.mtime) for r in rows]
+
+
+def _check_files(library, state: _State, findings: list[Finding]) -> None:
+    unreachable: list[str] = []
+    for path, size, mtime in _known_files(library.store):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            state.missing_paths.append(path)
+            continue
+        except OSError as exc:
+            unreachable.append(f"{path}: {exc.strerror or exc}")
+            continue
+        if st.st_size != size or st.st_mtime != mtime:
+            state.changed_paths.append(path)
+    if state.missing_paths:
+        n = len(state.missing_paths)
+        findings.append(Finding("files-missing", f"{_n(n, 'indexed file')} gone from disk; repair drops them "
+                                "from the database and the index", count=n, examples=_examples(state.missing_paths)))
+    if state.changed_paths:
+        n = len(state.changed_paths)
+        findings.append(Finding("files-changed", f"{_n(n, 'indexed file')} changed on disk since indexed; "
+                                "repair re-ingests them", count=n, examples=_examples(state.changed_paths)))
+    if unreachable:
+        findings.append(Finding("files-unreachable", f"{_n(len(unreachable), 'indexed file')} that cannot be checked "
+                                "(left as they are)", severity=NOTE, repairable=False, count=len(unreachable),
+                                examples=_examples(unreachable)))
+
+
+def _check_index(library, info, embedding_ids: np.ndarray, state: _State, findings: list[Finding],
+                 facts: dict[str, Any]) -> None:
+    from engine.index import VectorIndex
+
+    paths = library.paths
+    if not paths.index.exists():
+        facts["vectors"] = 0
+        if len(embedding_ids):
+            findings.append(Finding("index-missing", f"index file {paths.index} is missing; it is rebuilt from the "
+                                    "stored embeddings on the next open (or by repair)", severity=NOTE))
+        return
+    try:
+        index = VectorIndex.load(paths.index, library.index_config().factory)
+    except CorruptFileError as exc:
+        state.index_bad = True
+        facts["vectors"] = None
+        findings.append(Finding("index-unreadable", str(exc)))
+        return
+    facts["vectors"] = index.ntotal
+    if index.dim != info.dim:
+        state.index_bad = True
+        findings.append(Finding("index-dimension", f"index file {paths.index} has dimension {index.dim}, the "
+                                f"library's encoder {info.dim}; repair rebuilds it from the stored embeddings"))
+        return
+    held = index.ids()
+    unique_held = np.unique(held)
+    if len(unique_held) != len(held):
+        state.index_bad = True
+        findings.append(Finding("index-duplicates", f"index file {paths.index} holds {len(held) - len(unique_held)} "
+                                "duplicate ids; repair rebuilds it from the stored embeddings"))
+        return
+    recorded = library._read_state()
+    current = recorded.get("generation") == library.store.generation() and recorded.get("ntotal") == index.ntotal
+    severity = PROBLEM if current else NOTE
+    later = "" if current else " (the index file predates the last database write; this is reconciled on the next open)"
+    extra = np.setdiff1d(unique_held, embedding_ids, assume_unique=True)
+    missing = np.setdiff1d(embedding_ids, unique_held, assume_unique=True)
+    if len(extra):
+        findings.append(Finding("index-extra", f"{_n(len(extra), 'vector')} in the index without a stored embedding{later}",
+                                severity=severity, count=len(extra), examples=[f"id {i}" for i in extra[:_EXAMPLES]]))
+    if len(missing):
+        findings.append(Finding("index-missing-vectors", f"{_n(len(missing), 'stored embedding')} missing from the index{later}",
+                                severity=severity, count=len(missing),
+                                examples=[f"id {i}" for i in missing[:_EXAMPLES]]))
+    if not current and not len(extra) and not len(missing):
+        findings.append(Finding("index-state", f"{paths.index_state} does not record the current database "
+                                "generation; the index is brought up to date on the next open", severity=NOTE))
+    differ = _differing_vectors(library, index, info.dim, np.intersect1d(unique_held, embedding_ids))
+    if differ:
+        state.index_rebuild = True
+        findings.append(Finding("index-vectors", f"{_n(len(differ), 'vector')} in the index that differ from the "
+                                "stored embeddings; repair rebuilds the index from the stored embeddings",
+                                count=len(differ), examples=[f"id {i}" for i in differ[:_EXAMPLES]]))
+
+
+def _differing_vectors(library, index, dim: int, ids: np.ndarray, chunk: int = 4096) -> list[int]:
+    """Ids whose indexed vector is not the stored one. Exact (Flat) indexes only: the others store
+    vectors lossily, so they cannot be compared."""
+    import faiss
+
+    raw = index._index
+    try:
+        inner = faiss.downcast_index(raw.index)
+    except Exception:
+        return []
+    if not isinstance(inner, faiss.IndexFlat) or not len(ids):
+        return []
+    differ: list[int] = []
+    for start in range(0, len(ids), chunk):
+        got_ids, stored = library.store.get_embeddings(ids[start:start + chunk], dim)
+        if not len(got_ids):
+            continue
+        held = np.vstack([raw.reconstruct(int(i)) for i in got_ids]) if len(got_ids) < 64 \
+            else raw.reconstruct_batch(np.ascontiguousarray(got_ids, np.int64))
+        bad = np.abs(held - stored).max(axis=1) > 1e-5
+        differ.extend(int(i) for i in got_ids[bad])
+    return differ
+
+
+# -- repair --------------------------------------------------------------------------------------
+def _move_aside(path: Path, tag: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.{tag}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+    os.replace(path, target)
+    return target
+
+
+def _original_encoder(library, info):
+    """The encoder the stored vectors were made with, rebuilt from the model the library
+    remembers, or None when that is gone or no longer the same."""
+    from engine.encoder import load_encoder
+
+    if info.spec != "pretrained" and not os.path.exists(info.spec):
+        return None
+    try:
+        encoder = load_encoder(info.spec, "cpu")
+    except EngineError as exc:
+        log.info("cannot rebuild the library's encoder from %s: %s", info.spec, exc)
+        return None
+    return encoder if encoder.identity() == info.identity else None
+
+
+def _repair(library, state: _State, report: DoctorReport, config) -> None:
+    from engine.encoder import save_checkpoint
+    from ingest.pipeline import IngestConfig
+
+    config = config or IngestConfig(batch_size=16, workers=0)
+    paths, store, info = library.paths, library.store, library.model_info()
+    actions = report.actions
+
+    encoder_ok = not state.encoder_bad
+    if state.encoder_bad:
+        encoder = _original_encoder(library, info)
+        if encoder is not None:
+            note = ""
+            if paths.encoder.exists():
+                note = f" (the old one moved aside to {_move_aside(paths.encoder, 'mismatch').name})"
+            save_checkpoint(encoder, paths.encoder)
+            library._encoder = None
+            encoder_ok = True
+            actions.append(f"restored the encoder file {paths.encoder} from {info.spec}{note}")
+
+    index_aside = None
+    if state.index_bad and paths.index.exists():
+        index_aside = _move_aside(paths.index, "corrupt")
+        actions.append(f"moved the bad index file aside to {index_aside}")
+
+    if state.orphan_vectors or state.bad_vectors:
+        store.delete_embeddings(sorted(set(state.orphan_vectors) | set(state.bad_vectors)))
+        if state.orphan_vectors:
+            actions.append(f"deleted {_n(len(state.orphan_vectors), 'stored vector')} that belonged to no image")
+        if state.bad_vectors:
+            actions.append(f"deleted {_n(len(state.bad_vectors), 'malformed stored vector')} (re-embedded below)")
+
+    if state.missing_paths and len(state.missing_paths) == store.count() + store.count_aliases():
+        # Every file gone at once is far likelier an unmounted drive than a deleted library.
+        actions.append(f"kept {_n(len(state.missing_paths), 'missing file')}: every indexed file is missing, which looks "
+                       "like an unmounted drive; `engine remove PATH` forgets them if they are really gone")
+    elif state.missing_paths:
+        gone = store.remove_paths(state.missing_paths)
+        actions.append(f"dropped {_n(len(state.missing_paths), 'file')} gone from disk ({_n(len(gone), 'vector')} removed)")
+
+    reingest: list[str] = []
+    reembedded: list[int] = []
+    without = np.setdiff1d(store.image_ids(), store.embedding_ids(), assume_unique=True)
+    if len(without):
+        if encoder_ok:
+            embedded, dropped = _reembed(library, [int(i) for i in without], config, reingest, reembedded)
+            if embedded:
+                actions.append(f"re-embedded {_n(embedded, 'image')} that had no stored vector")
+            if dropped:
+                actions.append(f"dropped {_n(dropped, 'image')} whose files changed or broke before they could be "
+                               "re-embedded (their files are re-ingested below)")
+        else:
+            actions.append(f"could not re-embed {_n(len(without), 'image')}: the library's encoder is not available")
+
+    known = {p for p, _, _ in _known_files(store)}
+    reingest += [p for p in state.changed_paths if p in known and p not in reingest]
+
+    _repair_index(library, state, actions, rebuilt=index_aside is not None, stale_ids=reembedded)
+
+    if reingest:
+        if encoder_ok:
+            from ingest.pipeline import ingest_paths
+
+            try:
+                done = ingest_paths(library, reingest, config)
+            except EngineError as exc:
+                actions.append(f"could not re-ingest {_n(len(reingest), 'changed file')}: {exc}")
+            else:
+                actions.append(f"re-ingested {_n(len(reingest), 'changed file')}: {done.added} added, {done.updated} "
+                               f"updated, {done.unchanged} unchanged, {done.duplicates} duplicates, "
+                               f"{len(done.failed)} failed")
+        else:
+            actions.append(f"could not re-ingest {_n(len(reingest), 'changed file')}: the library's encoder is not "
+                           "available")
+
+    for stale in _stale_temp_files(library):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    if state.temp_files:
+        actions.append(f"deleted {_n(len(state.temp_files), 'temporary index file')} left by an interrupted save")
+
+
+def _repair_index(library, state: _State, actions: list[str], *, rebuilt: bool, stale_ids: list[int]) -> None:
+    """Rebuild the index, or bring it in line by id; ``stale_ids`` got new stored vectors, so their
+    indexed ones are replaced."""
+    from engine.index import VectorIndex
+
+    paths = library.paths
+    if rebuilt or state.index_rebuild or not paths.index.exists():
+        index = library.rebuild_index()
+        actions.append(f"rebuilt the index from {_n(index.ntotal, 'stored embedding')}")
+        return
+    index = VectorIndex.load(paths.index, library.index_config().factory)
+    if stale_ids:
+        try:
+            index.remove(stale_ids)
+        except RuntimeError:  # index types without removal: rebuild instead
+            index = library.rebuild_index()
+            actions.append(f"rebuilt the index from {_n(index.ntotal, 'stored embedding')}")
+            return
+    added, removed = library.reconcile(index)
+    library.save_index(index)
+    if added or removed:
+        actions.append(f"brought the index in line with the stored embeddings: {_n(added, 'vector')} added, "
+                       f"{removed} removed")
+
+
+def _reembed(library, ids: list[int], config, reingest: list[str], reembedded: list[int]) -> tuple[int, int]:
+    """Give rows without a vector one again from their file, when the file still holds the content
+    the row describes; other rows are dropped and their paths queued for re-ingest.
+    Returns (re-embedded, dropped)."""
+    from engine.dataset import ImageFileDataset, make_loader
+    from engine.preprocess import build_transform, draft_size_for
+
+    store = library.store
+    encoder = library.encoder()
+    records = store.get_images(ids)
+    ordered = [records[i] for i in sorted(records)]
+    dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
+                               draft_size_for(encoder.data_config), with_facts=True)
+    workers = config.workers or 0
+    lost: list[int] = []
+    embedded = 0
+    for batch in make_loader(dataset, config.batch_size, workers if len(ordered) > config.batch_size else 0):
+        keep = [n for n, it in enumerate(batch.items) if it.content_hash == ordered[it.position].content_hash]
+        lost += [ordered[it.position].id for n, it in enumerate(batch.items) if n not in set(keep)]
+        lost += [ordered[it.position].id for it in batch.failures]
+        if keep:
+            vectors = encoder.embed(batch.images[keep])
+            kept_ids = [ordered[batch.items[n].position].id for n in keep]
+            store.put_embeddings(kept_ids, vectors)
+            reembedded.extend(kept_ids)
+            embedded += len(keep)
+    if lost:
+        aliases = store.aliases_of(lost)
+        for image_id in lost:
+            reingest.append(records[image_id].path)
+            reingest.extend(aliases.get(image_id, []))
+        store.remove_ids(lost)
+    return embedded, len(lost)

@@ -1,0 +1,214 @@
+"""`engine doctor [--repair]`: database against index against disk, and damaged files on open."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import update
+
+from db.models import Embedding
+from engine.cli import main
+from engine.dataset import embed_files
+from engine.index import VectorIndex
+from engine.library import Library
+from engine.query import search_library
+from ingest.doctor import check_library
+from ingest.pipeline import IngestConfig, ingest_paths
+from tests.util import make_image, tiny_checkpoint
+
+CFG = IngestConfig(batch_size=4, workers=0)
+
+
+@pytest.fixture()
+def library(tmp_path, tiny_model):
+    photos = tmp_path / "photos"
+    paths = [make_image(photos / f"img_{i}.png", seed=500 + i) for i in range(8)]
+    lib = Library(tmp_path / "home", device="cpu")
+    ingest_paths(lib, [photos], CFG, model=tiny_model)
+    yield lib, paths
+    lib.close()
+
+
+def _cli(home, *args):
+    return CliRunner().invoke(main, ["--home", str(home), "--device", "cpu", *map(str, args)])
+
+
+def _codes(findings, severity="problem"):
+    return {f.code for f in findings if f.severity == severity}
+
+
+def _agree(lib):
+    lib.close()
+    index = VectorIndex.load(lib.paths.index)
+    assert sorted(index.ids().tolist()) == lib.store.embedding_ids().tolist() == lib.store.image_ids().tolist()
+
+
+def test_healthy_library_and_empty_home(library, tmp_path):
+    lib, _ = library
+    report = check_library(lib)
+    assert report.ok and report.findings == [] and report.lines()[-1] == "ok: database, index and files agree"
+    r = _cli(lib.paths.home, "doctor", "--json")
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)["facts"]
+    assert (facts["images"], facts["embeddings"], facts["vectors"]) == (8, 8, 8)
+    nothing = Library(tmp_path / "nowhere")
+    assert check_library(nothing).ok and not (tmp_path / "nowhere" / "library.db").exists()
+
+
+def test_corrupt_index_is_named_never_overwritten_and_repaired(library, tmp_path):
+    lib, paths = library
+    [before] = search_library(lib, [str(paths[3])], k=3)
+    lib.close()
+    damaged = lib.paths.index.read_bytes()[:200]
+    lib.paths.index.write_bytes(damaged)
+    for args in (("query", paths[3]), ("ingest", paths[0].parent, "--workers", 0), ("remove", paths[1])):
+        r = _cli(lib.paths.home, *args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert str(lib.paths.index) in r.output and "engine doctor --repair" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert lib.paths.index.read_bytes() == damaged  # nothing silently overwritten
+    r = _cli(lib.paths.home, "doctor")
+    assert r.exit_code == 1 and f"problem: index file {lib.paths.index} is unreadable" in r.output
+    r = _cli(lib.paths.home, "doctor", "--repair")
+    assert r.exit_code == 0, r.output
+    assert "moved the bad index file aside" in r.output and "rebuilt the index from 8 stored embeddings" in r.output
+    [aside] = list(lib.paths.home.glob("index.faiss.corrupt-*"))
+    assert aside.read_bytes() == damaged
+    [after] = search_library(Library(lib.paths.home, device="cpu"), [str(paths[3])], k=3)
+    assert [h.path for h in after.hits] == [h.path for h in before.hits]
+
+
+def test_corrupt_database_is_named_and_left_untouched(library):
+    lib, paths = library
+    lib.close()
+    db = lib.paths.database
+    garbage = np.random.default_rng(0).bytes(db.stat().st_size)
+    db.write_bytes(garbage)
+    for args in (("query", paths[0]), ("ingest", paths[0].parent, "--workers", 0), ("info",)):
+        r = _cli(lib.paths.home, *args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert str(db) in r.output and "cannot be repaired automatically" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    for repair in (False, True):
+        report = check_library(Library(lib.paths.home, device="cpu"), repair=repair)
+        assert not report.ok and _codes(report.findings) == {"database-damaged"}
+        assert not report.findings[0].repairable and str(db) in report.findings[0].message
+        assert report.actions == []
+    assert db.read_bytes() == garbage
+
+
+def test_damaged_page_inside_the_database_is_found(library):
+    lib, _ = library
+    lib.close()
+    db = lib.paths.database
+    data = bytearray(db.read_bytes())
+    page = 4096 * (len(data) // 4096 - 1)  # the last page: the header and schema still read fine
+    data[page:page + 4096] = np.random.default_rng(1).bytes(4096)
+    db.write_bytes(bytes(data))
+    report = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    assert not report.ok and _codes(report.findings) == {"database-damaged"}
+    assert "cannot be repaired automatically" in report.findings[0].message
+    assert bytes(data) == db.read_bytes()
+
+
+def test_every_inconsistency_is_found_and_repaired(library, tmp_path, tiny_model):
+    lib, paths = library
+    store = lib.store
+    ids = {rec.path: rec.id for rec in store.get_images(store.image_ids()).values()}
+    # rows without vectors: two lost their stored embedding
+    store.delete_embeddings([ids[str(paths[0])], ids[str(paths[1])]])
+    # a malformed stored vector
+    with store.engine.begin() as conn:
+        conn.execute(update(Embedding).where(Embedding.image_id == ids[str(paths[2])]).values(vector=b"\0" * 12))
+    # a vector in the index with no row, recorded as up to date
+    index = VectorIndex.load(lib.paths.index)
+    index.add(np.eye(1, index.dim, dtype=np.float32), np.asarray([9999]))
+    lib.save_index(index)
+    # a file gone, a file changed (different picture), a file touched (same bytes, new mtime)
+    paths[3].unlink()
+    make_image(paths[4], seed=999)
+    os.utime(paths[5], (1_000_000, 1_000_000))
+    # a temporary file left by a writer that died mid-save
+    (lib.paths.home / ".index.faiss.99999999.tmp").write_bytes(b"half an index")
+
+    report = check_library(lib)
+    assert not report.ok
+    assert _codes(report.findings) == {"rows-without-vectors", "malformed-vectors", "index-extra",
+                                       "files-missing", "files-changed"}
+    extra = next(f for f in report.findings if f.code == "index-extra")
+    assert extra.count == 4  # two whose embeddings went, one whose embedding is malformed, one bogus
+    assert _codes(report.findings, "note") == {"temp-files"}
+    r = _cli(lib.paths.home, "doctor")
+    assert r.exit_code == 1 and "run `engine doctor --repair`" in r.output
+
+    repaired = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    assert repaired.ok, repaired.lines()
+    text = "\n".join(repaired.lines())
+    for phrase in ("deleted 1 malformed stored vector", "dropped 1 file gone from disk",
+                   "re-embedded 3 images", "re-ingested 2 changed files", "deleted 1 temporary index file"):
+        assert phrase in text, text
+    assert repaired.remaining == []
+    lib = Library(lib.paths.home, device="cpu")
+    _agree(lib)
+    assert check_library(lib).findings == []
+    assert not list(lib.paths.home.glob(".*.tmp"))
+    # every stored vector is the embedding of the file as it is now
+    records = sorted(lib.store.get_images(lib.store.image_ids()).values(), key=lambda r: r.id)
+    assert str(paths[3]) not in {r.path for r in records} and len(records) == 7
+    fresh = embed_files(lib.encoder(), [r.path for r in records], workers=0)
+    got_ids, stored = lib.store.get_embeddings([r.id for r in records], fresh.embeddings.shape[1])
+    np.testing.assert_allclose(stored, fresh.embeddings, atol=1e-5)
+
+
+def test_index_with_wrong_vectors_is_rebuilt(library):
+    lib, _ = library
+    index = VectorIndex.load(lib.paths.index)
+    held = index.ids()
+    wrong = VectorIndex.build(index.dim)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(held), index.dim)).astype(np.float32)
+    wrong.add(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), held)
+    lib.save_index(wrong)
+    report = check_library(lib, repair=True)
+    assert _codes(report.findings) == {"index-vectors"} and report.ok
+    assert check_library(lib).findings == []
+
+
+def test_model_mismatch_is_found_and_restored_when_the_model_still_exists(library, tmp_path, tiny_model):
+    lib, _ = library
+    lib.close()
+    other = tiny_checkpoint(tmp_path / "other.pt", backbone="test_efficientnet")
+    shutil.copy(other, lib.paths.encoder)
+    report = check_library(Library(lib.paths.home, device="cpu"))
+    assert _codes(report.findings) == {"model-mismatch"} and not report.ok
+    # queries refuse rather than compare with another model's vectors
+    r = _cli(lib.paths.home, "query", make_image(tmp_path / "new.png", seed=1))
+    assert r.exit_code == 1 and str(lib.paths.encoder) in r.output and "engine doctor --repair" in r.output
+    repaired = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    assert repaired.ok and "restored the encoder file" in repaired.actions[0]
+    assert len(list(lib.paths.home.glob("encoder.pt.mismatch-*"))) == 1
+    # when the model it was built with is gone too, doctor says what to run instead
+    lib.paths.encoder.unlink()
+    moved = tmp_path / "moved.pt"
+    os.replace(tiny_model, moved)
+    try:
+        report = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    finally:
+        os.replace(moved, tiny_model)
+    assert not report.ok and _codes(report.remaining) == {"encoder-missing"}
+    assert "engine reindex --model" in report.findings[0].message
+
+
+def test_repair_keeps_everything_when_every_file_is_missing(library, tmp_path):
+    """All files gone at once looks like an unmounted drive: repair must not empty the library."""
+    lib, paths = library
+    shutil.move(str(tmp_path / "photos"), str(tmp_path / "unplugged"))
+    report = check_library(lib, repair=True)
+    assert "files-missing" in _codes(report.findings)
+    assert any("unmounted drive" in a for a in report.actions)
+    assert lib.store.count() == 8 and lib.open_index().ntotal == 8
