@@ -1,0 +1,160 @@
+"""Losses and miners: pytorch-metric-learning objects wired together, plus the share of active
+tuples so that a collapse to zero loss shows in the log.
+
+- ``contrastive``: ``relu(d)`` for similar pairs, ``relu(margin - d)`` for dissimilar ones, d the L2
+  distance between unit embeddings (pml ``ContrastiveLoss(pos_margin=0, neg_margin=margin)``,
+  averaged over the pairs with non-zero loss, similar and dissimilar parts separately).
+- ``triplet``: ``relu(d_ap - d_an + margin)`` averaged over the triplets with non-zero loss
+  (pml ``TripletMarginLoss``).
+- ``multi-similarity``: pml ``MultiSimilarityLoss`` (alpha 2, beta 50, base 0.5 on cosine similarity).
+
+Miners (class-labelled batches only): ``all`` (every pair or triplet in the batch), ``batch-hard``
+(per anchor the farthest positive and the nearest negative, pml ``BatchHardMiner``), ``semi-hard``
+(triplets whose negative is farther than the positive but inside the margin, pml
+``TripletMarginMiner(type_of_triplets="semihard")``). A pair list brings its own pairs: no miner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.errors import DataError
+
+LOSSES = ("contrastive", "triplet", "multi-similarity")
+MINERS = ("all", "batch-hard", "semi-hard")
+DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2, "multi-similarity": 0.1}
+MS_ALPHA, MS_BETA, MS_BASE = 2.0, 50.0, 0.5
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar tensor (differentiable); active: share of all pairs/triplets of the batch that have
+    a non-zero loss (for multi-similarity: that its mining rule keeps), in [0, 1]; mined: how many
+    tuples the loss was computed over; total: how many the batch has."""
+
+    loss: torch.Tensor
+    active: float
+    mined: int
+    total: int
+
+
+def default_margin(loss: str) -> float:
+    return DEFAULT_MARGIN[loss]
+
+
+class MetricLoss(nn.Module):
+    """A loss with its miner. ``forward(embeddings [B, D] unit-norm, labels int64 [B])`` for class
+    batches, or ``forward(embeddings, pairs=(i, j, same))`` for explicit pairs (int64 [P] each)."""
+
+    def __init__(self, loss: str = "triplet", miner: str = "all", margin: float | None = None):
+        super().__init__()
+        from pytorch_metric_learning import distances, losses, miners
+
+        if loss not in LOSSES:
+            raise DataError(f"unknown loss {loss!r} (use {', '.join(LOSSES)})")
+        if miner not in MINERS:
+            raise DataError(f"unknown miner {miner!r} (use {', '.join(MINERS)})")
+        self.name = loss
+        self.miner_name = miner
+        self.margin = float(DEFAULT_MARGIN[loss] if margin is None else margin)
+        lp = distances.LpDistance(normalize_embeddings=True, p=2, power=1)
+        if loss == "contrastive":
+            self.loss_fn = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=self.margin, distance=lp)
+        elif loss == "triplet":
+            self.loss_fn = losses.TripletMarginLoss(margin=self.margin, distance=lp)
+        else:
+            self.loss_fn = losses.MultiSimilarityLoss(alpha=MS_ALPHA, beta=MS_BETA, base=MS_BASE)
+        if miner == "batch-hard":
+            self.miner = miners.BatchHardMiner(distance=lp)
+        elif miner == "semi-hard":
+            # The miner's margin is the triplet margin; for the pair losses, the triplet loss's default.
+            m = self.margin if loss == "triplet" else DEFAULT_MARGIN["triplet"]
+            self.miner = miners.TripletMarginMiner(margin=m, type_of_triplets="semihard", distance=lp)
+        else:
+            self.miner = None
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
+                pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> LossOutput:
+        embeddings = embeddings.float()
+        if pairs is not None:
+            return self._pairs(embeddings, pairs)
+        if labels is None:
+            raise ValueError("labels or pairs are needed")
+        labels = labels.to(embeddings.device)
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss_fn(embeddings, labels, indices)
+        active, total = active_share(self.name, embeddings.detach(), labels, self.margin)
+        if indices is None:
+            mined = total
+        else:
+            mined = int(len(indices[0])) if len(indices) == 3 else int(len(indices[0]) + len(indices[2]))
+        return LossOutput(loss, active, mined, total)
+
+    def _pairs(self, embeddings: torch.Tensor, pairs) -> LossOutput:
+        i, j, same = (torch.as_tensor(t, device=embeddings.device) for t in pairs)
+        if self.name == "triplet":
+            raise DataError("triplet loss needs class labels; train a pair list with --loss contrastive or "
+                            "multi-similarity, or use a folder-per-class tree")
+        same = same.bool()
+        indices = (i[same], j[same], i[~same], j[~same])
+        loss = self.loss_fn(embeddings, None, indices)
+        with torch.no_grad():
+            d = (embeddings[i] - embeddings[j]).norm(dim=1)
+            if self.name == "contrastive":
+                on = torch.where(same, d > 0, d < self.margin)
+            else:
+                on = _ms_pair_active(embeddings, i, j, same)
+        total = int(len(i))
+        return LossOutput(loss, float(on.float().mean()) if total else 0.0, total, total)
+
+
+def _ms_pair_active(embeddings, i, j, same) -> torch.Tensor:
+    """Multi-similarity mining rule on explicit pairs, per anchor ``i``."""
+    sim = (embeddings[i] * embeddings[j]).sum(1)
+    on = torch.zeros_like(same)
+    eps = DEFAULT_MARGIN["multi-similarity"]
+    for a in torch.unique(i):
+        rows = i == a
+        pos, neg = rows & same, rows & ~same
+        if pos.any() and neg.any():
+            on[pos] = sim[pos] - eps < sim[neg].max()
+            on[neg] = sim[neg] + eps > sim[pos].min()
+    return on
+
+
+@torch.no_grad()
+def active_share(loss: str, embeddings: torch.Tensor, labels: torch.Tensor, margin: float) -> tuple[float, int]:
+    """(share of the batch's tuples with non-zero loss, how many tuples). Triplets for ``triplet``,
+    ordered pairs (i != j) otherwise; for multi-similarity a pair counts when the MS mining rule
+    (epsilon = ``margin``) would keep it."""
+    d = torch.cdist(embeddings, embeddings)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos = same & ~eye
+    neg = ~same
+    if loss == "triplet":
+        valid = pos[:, :, None] & neg[:, None, :]
+        hot = (d[:, :, None] - d[:, None, :] + margin > 0) & valid
+        total = int(valid.sum())
+    elif loss == "contrastive":
+        hot = (pos & (d > 0)) | (neg & (d < margin))
+        total = int((pos | neg).sum())
+    else:
+        sim = embeddings @ embeddings.T
+        has = pos.any(1) & neg.any(1)
+        max_neg = torch.where(neg, sim, torch.full_like(sim, -torch.inf)).max(1).values
+        min_pos = torch.where(pos, sim, torch.full_like(sim, torch.inf)).min(1).values
+        hot = (pos & (sim - margin < max_neg[:, None])) | (neg & (sim + margin > min_pos[:, None]))
+        hot &= has[:, None]
+        total = int((pos | neg).sum())
+    return (float(hot.sum()) / total if total else 0.0), total
+
+
+def build_loss(loss: str, miner: str | None, margin: float | None) -> MetricLoss:
+    """``miner=None`` picks the loss's usual partner: semi-hard for triplet, all for the pair losses."""
+    if miner is None:
+        miner = "semi-hard" if loss == "triplet" else "all"
+    return MetricLoss(loss, miner, margin)
