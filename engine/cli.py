@@ -472,6 +472,9 @@ class _Counter:
 @click.option("--warmup-epochs", type=float, default=None)
 @click.option("--dim", type=click.IntRange(2), default=None, help="Projection head size (default: backbone width).")
 @click.option("--backbone", default=None, help="Any timm model name (default tf_efficientnet_lite0).")
+@click.option("--pretrained/--no-pretrained", default=None, help="Start from ImageNet weights (default) or random.")
+@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Start from this checkpoint or weights file.")
 @click.option("--image-size", type=click.IntRange(16), default=None)
 @click.option("--freeze-epochs", type=click.IntRange(0), default=None, help="Keep the backbone frozen this long.")
 @click.option("--train-stages", type=click.IntRange(0), default=None, help="Train only the last N backbone stages.")

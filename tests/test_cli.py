@@ -88,3 +88,26 @@ def test_help_does_not_import_heavy_modules():
     code = "import sys; from engine.cli import main; print(sorted(m for m in ('torch','timm','faiss','sqlalchemy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_train_then_use_the_checkpoint_for_compare_and_ingest(tmp_path):
+    from tests.util import make_class_tree
+
+    make_class_tree(tmp_path / "data", 6, 4, size=32)
+    run_dir = tmp_path / "run"
+    r = run(tmp_path / "home", "train", tmp_path / "data", "--out", run_dir, "--backbone", "test_resnet",
+            "--no-pretrained", "--image-size", 32, "--epochs", 1, "--batch-size", 8, "--images-per-class", 2,
+            "--val-classes", 0.34, "--workers", 0, "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    ck = run_dir / "checkpoint.pt"
+    assert result["checkpoint"] == str(ck) and result["threshold"] is not None
+    assert {"checkpoint.pt", "metrics.jsonl", "loss.png", "distances.png", "pairs.png"} <= {p.name for p in run_dir.iterdir()}
+    a, b = tmp_path / "data" / "class_0" / "00.png", tmp_path / "data" / "class_0" / "01.png"
+    r = run(tmp_path / "home", "compare", a, b, "--model", ck, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
+    r = run(tmp_path / "home", "ingest", tmp_path / "data", "--model", ck, "--workers", 0, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["added"] == 24
+    r = run(tmp_path / "home", "train", tmp_path / "data", "--out", run_dir, "--backbone", "test_resnet", "--no-pretrained")
+    assert r.exit_code == 1 and "--resume" in r.output
