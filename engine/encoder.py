@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "engine.encoder"
 CHECKPOINT_VERSION = 1
 PRETRAINED = "pretrained"
+# Batches at least this large make ``Encoder.embed`` build its BatchNorm-folded copy (see there).
+FOLD_MIN_BATCH = 8
 
 # L2 distance (between unit vectors) at or below which two images count as "similar" for the
 # ImageNet encoder, which has no calibration run of its own: the accuracy-maximising threshold on
@@ -79,7 +81,10 @@ class Encoder(nn.Module):
         """images float32 [B, 3, H, W] -> np.float32 [B, D] unit-norm, in eval mode.
 
         Channels-last is used because it is about 2.5x faster for these convnets on CPU and the
-        default on CUDA tensor cores.
+        default on CUDA tensor cores. On the CPU the backbone runs as an inference copy with every
+        BatchNorm folded into the convolution before it (``fold_batchnorm``): about 1.45x faster
+        for tf_efficientnet_lite0 (BatchNorm was a third of the time), the same output to float
+        rounding, as fast as ``torch.jit.freeze`` or ``torch.compile`` without their warm-up.
         """
         if self.training:
             self.eval()
@@ -89,8 +94,26 @@ class Encoder(nn.Module):
             with torch.autocast("cuda", dtype=torch.float16):
                 out = self(images)
         else:
-            out = self(images)
+            out = F.normalize(self.head(self._inference_backbone(images)(images)), dim=1)
         return out.float().cpu().numpy()
+
+    def _inference_backbone(self, example: torch.Tensor) -> nn.Module:
+        """The BatchNorm-folded backbone for ``embed``, rebuilt whenever a weight or buffer changed
+        (training steps and ``load_state_dict`` bump tensor versions; ``to()`` moves storage). It is
+        kept outside the module tree, so it never appears in ``state_dict`` or ``identity``.
+        Folding costs two forward passes of one image, so a batch smaller than ``FOLD_MIN_BATCH``
+        (a single query) uses the backbone as it is unless a folded copy is already at hand."""
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (*self.backbone.parameters(), *self.backbone.buffers()))
+        except RuntimeError:  # inference tensors have no version counter: do not cache, do not fold
+            return self.backbone
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            if len(example) < FOLD_MIN_BATCH:
+                return self.backbone
+            cached = (key, fold_batchnorm(self.backbone, example[:1]))
+            self.__dict__["_folded"] = cached
+        return cached[1]
 
     def identity(self) -> str:
         """A short hash of config and weights: two encoders with equal identity embed identically."""
@@ -114,6 +137,98 @@ class Encoder(nn.Module):
         """Eval mode and channels-last memory layout, ready for ``embed``."""
         self.eval()
         return self.to(memory_format=torch.channels_last)
+
+
+def _foldable_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(convolutions whose forward uses ``weight`` and ``bias`` as nn.Conv2d does, BatchNorms whose
+    forward is batch_norm followed only by ``drop`` and ``act``). Exact types only: a subclass may
+    do more (weight standardisation, say) and must not be folded."""
+    convs: tuple[type, ...] = (nn.Conv2d,)
+    norms: tuple[type, ...] = (nn.BatchNorm2d,)
+    try:
+        from timm.layers import BatchNormAct2d, Conv2dSame
+
+        convs, norms = (nn.Conv2d, Conv2dSame), (nn.BatchNorm2d, BatchNormAct2d)
+    except ImportError:
+        pass
+    return convs, norms
+
+
+@torch.inference_mode()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-4) -> nn.Module:
+    """An inference copy of ``model`` (in eval mode) in which each BatchNorm fed directly by a
+    convolution is folded into that convolution: w' = w * g / sqrt(var + eps), b' = (b - mean) *
+    g / sqrt(var + eps) + beta. Tensors not folded are shared with ``model``, not copied.
+
+    Pairs are found by running ``example`` (float [1, 3, H, W]) once with hooks: a BatchNorm whose
+    input is the very tensor a convolution returned, each called once. The copy's output on
+    ``example`` is then checked against ``model``'s; on a mismatch, or with nothing to fold,
+    ``model`` itself is returned, so the result is always safe to use in its place.
+    """
+    import copy
+
+    if model.training:
+        return model
+    conv_types, norm_types = _foldable_types()
+    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}  # tensors kept alive: ids stay unique
+    calls: dict[nn.Module, int] = {}
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def after_conv(module, _inputs, output):
+        calls[module] = calls.get(module, 0) + 1
+        produced[id(output)] = (module, output)
+
+    def before_norm(module, inputs):
+        calls[module] = calls.get(module, 0) + 1
+        source = produced.get(id(inputs[0]))
+        if source is not None:
+            pairs.append((source[0], module))
+
+    hooks = []
+    for module in model.modules():
+        if type(module) in conv_types:
+            hooks.append(module.register_forward_hook(after_conv))
+        elif type(module) in norm_types:
+            hooks.append(module.register_forward_pre_hook(before_norm))
+    try:
+        reference = model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    produced.clear()
+    fed = [c for c, _ in pairs]
+    pairs = [(c, n) for c, n in pairs if calls[c] == 1 and calls[n] == 1 and fed.count(c) == 1
+             and n.running_var is not None and n.running_mean is not None and c.out_channels == n.num_features]
+    if not pairs:
+        return model
+    names = {m: name for name, m in model.named_modules()}
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    folded = copy.deepcopy(model, memo)
+    for conv, norm in pairs:
+        scale = norm.running_var.add(norm.eps).rsqrt()
+        if norm.weight is not None:
+            scale = scale * norm.weight
+        shift = -norm.running_mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        target = folded.get_submodule(names[conv])
+        target.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        target.bias = nn.Parameter(shift.clone(), requires_grad=False)
+        parent_name, _, attr = names[norm].rpartition(".")
+        parent = folded.get_submodule(parent_name) if parent_name else folded
+        old = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity() if type(old) is nn.BatchNorm2d else nn.Sequential(old.drop, old.act))
+    out = folded(example)
+    error = float((out - reference).abs().max())
+    if not torch.isfinite(out).all() or error > rtol * max(1.0, float(reference.abs().max())):
+        log.warning("BatchNorm folding changed the output (max error %.3g); using the model as it is", error)
+        return model
+    return folded
 
 
 def _data_config(backbone: nn.Module, image_size: int | None) -> dict[str, Any]:

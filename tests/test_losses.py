@@ -204,7 +204,7 @@ def test_gradients_flow_and_reduce_the_loss():
 
 
 def test_build_loss_defaults_and_bad_names():
-    assert build_loss("triplet", None, None).miner_name == "semi-hard"
+    assert build_loss("triplet", None, None).miner_name == "batch-hard"
     assert build_loss("contrastive", None, None).miner_name == "all"
     assert build_loss("triplet", None, None).margin == 0.2
     with pytest.raises(DataError, match="unknown loss"):

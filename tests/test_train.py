@@ -72,6 +72,7 @@ def test_run_folder_has_everything(image_run):
         assert (out / name).stat().st_size > 0, name
     lines = _lines(out / "metrics.jsonl")
     assert [r["epoch"] for r in lines] == [0, 1, 2] == [r["epoch"] for r in result.history]
+    assert result.config.loss == "triplet" and result.config.miner == "batch-hard"  # class folders: batch-hard triplets
     for r in lines[1:]:
         for key in ("train_loss", "val_loss", "active", "images_per_s", "recall@1", "recall@5", "map@r",
                     "pair_accuracy", "roc_auc", "threshold"):
@@ -153,6 +154,10 @@ def test_epoch_zero_is_a_candidate(tree, tmp_path):
     saved = load_checkpoint(result.checkpoint)
     head = saved.head.weight.detach()
     assert torch.equal(head, torch.eye(head.shape[0]))  # the identity head, as it started
+    # --epochs 0: the untouched encoder, calibrated and saved.
+    calibrated = train(tree, tmp_path / "zero", replace(config, epochs=0))
+    assert calibrated.best_epoch == 0 and len(calibrated.history) == 1
+    assert load_checkpoint(calibrated.checkpoint).threshold == pytest.approx(calibrated.threshold)
 
 
 def test_cached_last_stage_training_matches_the_full_encoder(tree, tmp_path):
@@ -214,8 +219,9 @@ def test_pair_list_trains_with_contrastive_loss(tmp_path):
             rows.append(f"imgs/{name}/0.png,imgs/{other}/2.png,0")
     csv = tmp_path / "pairs.csv"
     csv.write_text("img_a,img_b,label\n" + "\n".join(rows) + "\n")
-    config = replace(BASE, loss="contrastive", epochs=1, val_classes=0.34, train_stages=0)
+    config = replace(BASE, epochs=1, val_classes=0.34, train_stages=0)
     result = train(csv, tmp_path / "pairs", config)
+    assert result.config.loss == "contrastive"  # the default for a pair list
     assert result.history[1]["train_loss"] is not None
     assert result.history[1]["roc_auc"] is not None and result.select_metric == "roc_auc"
     assert load_checkpoint(result.checkpoint).threshold == pytest.approx(result.threshold)
@@ -241,7 +247,7 @@ def test_resolve_preset_fills_only_what_was_not_given():
     assert quick.train_stages == PRESETS["cpu-quick"]["train_stages"]
     assert quick.cache_features is True
     default = resolve_preset(TrainConfig())
-    assert default.loss == "triplet" and default.train_stages is None and default.epochs == 30
+    assert default.loss is None and default.train_stages is None and default.epochs == 30  # loss follows the data
     assert resolve_preset(TrainConfig(preset="gpu")) == replace(default, preset="gpu")
     with pytest.raises(DataError, match="unknown preset"):
         resolve_preset(TrainConfig(preset="tpu"))
