@@ -49,7 +49,7 @@ def tree(tmp_path_factory) -> Path:
 
 BASE = TrainConfig(backbone="test_efficientnet", pretrained=False, image_size=32, epochs=2, batch_size=16,
                    images_per_class=4, val_classes=0.25, workers=0, device="cpu", val_pairs=200, lr=1e-3,
-                   backbone_lr=1e-3, freeze_epochs=0, patience=None, plots=False)
+                   backbone_lr=1e-3, freeze_epochs=0, patience=0, plots=False)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,23 @@ def test_resume_continues_the_same_run(tree, tmp_path):
     assert [r["epoch"] for r in _lines(tmp_path / "resumed" / "metrics.jsonl")] == [0, 1, 2]
     with pytest.raises(EngineError, match="nothing to resume"):
         train(tree, tmp_path / "never", config, resume=True)
+
+
+def test_resume_after_a_crash_inside_the_first_epoch(tree, tmp_path):
+    config = replace(BASE, train_stages=0, epochs=2, steps_per_epoch=3)
+
+    def crash_at_first_step(event, info):
+        if event == "step":
+            raise KeyboardInterrupt
+
+    straight = train(tree, tmp_path / "straight", config)
+    with pytest.raises(KeyboardInterrupt):
+        train(tree, tmp_path / "resumed", config, progress=crash_at_first_step)
+    resumed = train(tree, tmp_path / "resumed", config, resume=True)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    a = load_checkpoint(tmp_path / "straight" / "last.pt").state_dict()
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loss_decreases_on_a_separable_toy_set(tree, tmp_path):
@@ -269,3 +286,10 @@ def test_narrow_head_starts_from_pca(tree, tmp_path):
     assert torch.allclose(w @ w.T, torch.eye(6, dtype=torch.float64), atol=1e-4)
     emb = embed_files(encoder, [str(p) for p in sorted(tree.rglob("*.png"))[:4]], workers=0).embeddings
     assert emb.shape == (4, 6) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tree, tmp_path):
+    config = replace(BASE, train_stages=0, epochs=6, steps_per_epoch=1, lr=5.0, grad_clip=0.0, weight_decay=0.0,
+                     patience=2)
+    result = train(tree, tmp_path / "patient", config)
+    assert result.stopped_early and result.best_epoch == 0 and len(result.history) == 3
