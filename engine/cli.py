@@ -481,6 +481,8 @@ class _Counter:
 @click.option("--val-classes", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of classes held out for validation (split by class, seeded).")
 @click.option("--val", default=None, type=click.Path(exists=True), help="A separate validation folder or pair CSV.")
+@click.option("--val-group-sep", default=None,
+              help="Hold out class groups: classes whose names share the part before SEP (e.g. '__' for alphabets).")
 @click.option("--max-per-class", type=click.IntRange(2), default=None)
 @click.option("--workers", type=click.IntRange(0), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -504,7 +506,7 @@ def train(obj: Context, data, out_dir, as_json, resume, **options) -> None:
         _echo_json(result.to_dict())
         return
     best = result.best_metrics
-    figures = ", ".join(f"{k} {best[k]:.4f}" for k in ("recall@1", "recall@5", "map@r", "roc_auc", "accuracy")
+    figures = ", ".join(f"{k} {best[k]:.4f}" for k in ("recall@1", "recall@5", "map@r", "roc_auc", "pair_accuracy")
                         if isinstance(best.get(k), (int, float)))
     click.echo(f"best epoch {result.best_epoch} ({result.select_metric}): {figures}")
     if result.threshold is not None:
