@@ -23,7 +23,8 @@ _SIMILAR = "#1f77b4"
 _DISSIMILAR = "#ff7f0e"
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure with its own Agg canvas (no pyplot state); for every plot of the project."""
     # The Agg canvas is attached explicitly instead of calling matplotlib.use("Agg"), which would
     # switch the backend under a caller's own pyplot session.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -34,7 +35,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -78,7 +80,7 @@ def plot_distances(pos: np.ndarray, neg: np.ndarray, threshold: float | None, pa
     pos = np.asarray(pos, dtype=np.float64).ravel()
     neg = np.asarray(neg, dtype=np.float64).ravel()
     both = np.concatenate([pos, neg])
-    fig = _figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
     if both.size:
         lo, hi = float(both.min()), float(both.max())
@@ -96,12 +98,12 @@ def plot_distances(pos: np.ndarray, neg: np.ndarray, threshold: float | None, pa
     ax.set_title(title or "Pair distances: similar vs dissimilar")
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path, *, title: str | None = None) -> Path:
     """ROC curves of pair verification: curves maps a label (e.g. the model) to (fpr [T], tpr [T], auc)."""
-    fig = _figure(5.5, 5)
+    fig = new_figure(5.5, 5)
     ax = fig.add_subplot()
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, linewidth=2, label=f"{name} (AUC {auc:.3f})")
@@ -113,13 +115,13 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path, *
     ax.set_title(title or "Pair verification ROC")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path, *, title: str | None = None) -> Path:
     """Precision-recall curves of pair verification over distance thresholds: curves maps a label to
     (recall [T], precision [T])."""
-    fig = _figure(5.5, 5)
+    fig = new_figure(5.5, 5)
     ax = fig.add_subplot()
     for name, (recall, precision) in curves.items():
         ax.plot(recall, precision, linewidth=2, label=str(name))
@@ -131,7 +133,7 @@ def plot_pr_curve(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path, *, 
     if curves:
         ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_retrieval_examples(query_paths: Sequence[str], hit_paths: Sequence[Sequence[str]],
@@ -141,7 +143,7 @@ def plot_retrieval_examples(query_paths: Sequence[str], hit_paths: Sequence[Sequ
     is of the query's class and red when not. scores, when given, go under each hit."""
     rows = max(1, len(query_paths))
     cols = 1 + max((len(h) for h in hit_paths), default=0)
-    fig = _figure(1.6 * cols, 1.75 * rows + 0.4)
+    fig = new_figure(1.6 * cols, 1.75 * rows + 0.4)
     for r, query in enumerate(query_paths):
         ax = fig.add_subplot(rows, cols, r * cols + 1)
         ax.imshow(_thumbnail(query))
@@ -159,7 +161,7 @@ def plot_retrieval_examples(query_paths: Sequence[str], hit_paths: Sequence[Sequ
                 label = f"{scores[r][c]:.3f}  {label}"
             ax.set_xlabel(label, fontsize=7)
     fig.suptitle(title or "Retrieval examples (green: same class, red: wrong class)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _pca_2d(embeddings: np.ndarray) -> np.ndarray:
@@ -190,7 +192,7 @@ def plot_embedding_2d(embeddings: np.ndarray, labels: np.ndarray, class_names: S
 
     # tab10 then tab20 keep neighbouring classes distinguishable; beyond 20 only a gradient is left.
     cmap = colormaps["tab10" if classes.size <= 10 else "tab20" if classes.size <= 20 else "turbo"]
-    fig = _figure(7, 6)
+    fig = new_figure(7, 6)
     ax = fig.add_subplot()
     for n, label in enumerate(classes):
         mine = labels == label
@@ -202,7 +204,7 @@ def plot_embedding_2d(embeddings: np.ndarray, labels: np.ndarray, class_names: S
     ax.set_title(title or f"Embeddings, 2-D PCA ({labels.size} images, {classes.size} classes)")
     if 0 < classes.size <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_contact_sheet(query_path: str, hit_paths: Sequence[str], scores: Sequence[float], path,
@@ -212,7 +214,7 @@ def plot_contact_sheet(query_path: str, hit_paths: Sequence[str], scores: Sequen
     per_row = 6
     rows = 1 + max(0, math.ceil(len(hit_paths) / per_row) - 1)
     cols = 1 + min(per_row, max(1, len(hit_paths)))
-    fig = _figure(1.9 * cols, 2.1 * rows + 0.4)
+    fig = new_figure(1.9 * cols, 2.1 * rows + 0.4)
     ax = fig.add_subplot(rows, cols, 1)
     ax.imshow(_thumbnail(query_path))
     _frame(ax, _SIMILAR)
@@ -226,7 +228,7 @@ def plot_contact_sheet(query_path: str, hit_paths: Sequence[str], scores: Sequen
         ax.set_title(f"#{n + 1}  {score:.3f}", fontsize=9)
         ax.set_xlabel(Path(hit).name, fontsize=7)
     fig.suptitle(title or "Query and nearest images (score: cosine similarity)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pairs(pairs: Sequence[tuple[str, str]], distances: Sequence[float], labels: Sequence[int],
@@ -237,7 +239,7 @@ def plot_pairs(pairs: Sequence[tuple[str, str]], distances: Sequence[float], lab
     n = max(1, len(pairs))
     rows = math.ceil(n / per_row)
     cols = min(per_row, n)
-    fig = _figure(3.2 * cols, 2.0 * rows + 0.5)
+    fig = new_figure(3.2 * cols, 2.0 * rows + 0.5)
     for k, ((a, b), dist, label) in enumerate(zip(pairs, distances, labels)):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.imshow(np.hstack([_thumbnail(a), np.full((THUMB, 6, 3), 255, np.uint8), _thumbnail(b)]))
@@ -249,4 +251,4 @@ def plot_pairs(pairs: Sequence[tuple[str, str]], distances: Sequence[float], lab
         ax.set_title(f"d={float(dist):.3f} {truth} -> {verdict}" + ("" if ok else "  WRONG"),
                      fontsize=8, color="black" if ok else _WRONG)
     fig.suptitle(title or f"Pairs at threshold {threshold:.3f} (red: wrong verdict)")
-    return _save(fig, path)
+    return save_figure(fig, path)

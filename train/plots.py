@@ -8,30 +8,15 @@ from typing import Sequence
 
 import numpy as np
 
+from engine.plots import new_figure, save_figure
+
 log = logging.getLogger(__name__)
-
-
-def _figure(width: float, height: float):
-    # The Agg canvas is attached directly: no pyplot state, no GUI backend (as engine.plots does).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path
 
 
 def plot_loss(history: Sequence[dict], path) -> Path:
     """Training and validation loss per epoch (left axis) and validation MAP@R when known (right axis).
     history: the metrics.jsonl records; epoch 0 (before training) has no training loss."""
-    fig = _figure(7, 4)
+    fig = new_figure(7, 4)
     ax = fig.add_subplot()
 
     def series(key: str) -> tuple[list[int], list[float]]:
@@ -58,7 +43,7 @@ def plot_loss(history: Sequence[dict], path) -> Path:
     if handles:
         ax.legend(handles, labels, loc="best")
     ax.set_title("Training run")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def choose_pairs(distances: np.ndarray, same: np.ndarray, threshold: float, n: int = 16,
