@@ -1,5 +1,6 @@
 """Index types: build time, recall@10 against exact search, queries/s and bytes per vector for
-Flat, HNSW32, IVF1024,Flat and IVF1024,PQ32 through ``VectorIndex`` (engine default parameters).
+Flat, HNSW32, IVF1024,Flat and IVF1024,PQ32 through ``VectorIndex`` (engine default search
+parameters, then the --params settings on the same indexes).
 
     .venv/bin/python benchmarks/index_types.py --n 100000 --dim 1280
     .venv/bin/python benchmarks/index_types.py --n 100000 --factories "IVF1024,PQ32;IVF1024,PQ32np"
@@ -25,9 +26,11 @@ def main() -> None:
     p.add_argument("--factories", type=_factories, default=DEFAULT_FACTORIES,
                    help="FAISS factory strings, ';'-separated (commas inside one are kept)")
     p.add_argument("--no-polysemous", action="store_true", help="build PQ codes without polysemous training")
+    p.add_argument("--params", type=_factories, default=("nprobe=16", "nprobe=64", "efSearch=64", "efSearch=128"),
+                   help="search settings to try beside the defaults, ';'-separated")
     args = p.parse_args()
     emit(args, {"index": bench_index_types(args.n, args.dim, args.factories, n_queries=args.queries,
-                                           polysemous=not args.no_polysemous)})
+                                           polysemous=not args.no_polysemous, search_params=args.params)})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _progress(verbose: bool):
 
 
 def _embed(encoder, paths, workers):
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
 
     out = embed_files(encoder, paths, batch_size=64, workers=workers)
     if out.failures:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.atomic import atomic_path
 from engine.config import EncoderConfig
 from engine.errors import ModelError
 
@@ -398,12 +399,9 @@ def checkpoint_payload(encoder: Encoder, *, threshold: float | None = None, meta
 
 def save_payload(payload: dict, path: str | Path) -> Path:
     """Write a checkpoint dict atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def save_checkpoint(encoder: Encoder, path: str | Path, *, threshold: float | None = None,

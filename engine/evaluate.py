@@ -61,7 +61,7 @@ class EvalConfig:
         ``query_fraction`` of the images query a gallery of the rest) or "oneshot" (per class one
         seeded gallery image; the rest query it: N-way one-shot). Ignored for a pair CSV.
     ks: retrieval cut-offs; 1, 5 and 10 are always added.
-    batch_size, workers, device: embedding (workers None = engine.dataset.default_workers()).
+    batch_size, workers, device: embedding (workers None = engine.loader.default_workers()).
     max_per_class: keep at most this many images per class (a seeded choice), None = all.
     n_pairs: verification pairs drawn from the evaluated images (half similar, half dissimilar).
     seed: drives the per-class cap, the split, the pairs and the example queries.
@@ -227,7 +227,7 @@ def _pair_label(cell: str) -> int | None:
 
 
 def _load_classes(root: Path, max_per_class: int | None, seed: int) -> _ClassImages:
-    from engine.dataset import list_class_folder
+    from engine.files import cap_per_class, list_class_folder
 
     if not root.is_dir():
         raise DataError(f"no such dataset folder: {root}")
@@ -238,14 +238,7 @@ def _load_classes(root: Path, max_per_class: int | None, seed: int) -> _ClassIma
     if present.size < 2:
         raise DataError(f"{root} has images in {present.size} class folder; evaluation needs at least two classes")
     if max_per_class is not None:
-        rng = np.random.default_rng(seed)
-        keep = []
-        for label in present:
-            mine = np.flatnonzero(labels == label)
-            if mine.size > max_per_class:
-                mine = np.sort(rng.choice(mine, max_per_class, replace=False))
-            keep.append(mine)
-        chosen = np.concatenate(keep)
+        chosen = cap_per_class(labels, max_per_class, seed)
         paths = [paths[i] for i in chosen]
         labels = labels[chosen]
     return _ClassImages(root, paths, labels, names)
@@ -337,7 +330,7 @@ def _examples(emb: np.ndarray, labels: np.ndarray, query_idx: np.ndarray, galler
 
 
 def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.encoder import load_encoder, resolve_device
 
     start = time.perf_counter()
@@ -381,7 +374,7 @@ def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig, progre
 
 
 def _evaluate_pairs(data: PairList, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.encoder import load_encoder, resolve_device
 
     start = time.perf_counter()

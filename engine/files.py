@@ -1,4 +1,4 @@
-"""Finding image files: the walk shared by ingest and by directory queries."""
+"""Finding image files: the walk shared by ingest and by directory queries, and class-folder trees."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+
+import numpy as np
 
 
 @dataclass
@@ -77,3 +79,35 @@ def find_images(roots: Iterable[str | os.PathLike], suffixes: frozenset[str], *,
                 if not _excluded(path, name, exclude):
                     add(path)
     return found
+
+
+def list_class_folder(root: str | os.PathLike, suffixes: frozenset[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """A folder-per-class tree -> (paths, labels int64 [N], class names). Hidden entries skipped,
+    classes and files in sorted order so labels are stable."""
+    from engine.preprocess import IMAGE_SUFFIXES
+
+    suffixes = suffixes or IMAGE_SUFFIXES
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file() and f.suffix.lower() in suffixes and not any(p.startswith(".") for p in f.relative_to(root).parts):
+                paths.append(str(f))
+                labels.append(label)
+    return paths, np.asarray(labels, np.int64), classes
+
+
+def cap_per_class(labels: np.ndarray, max_per_class: int, seed: int = 0) -> np.ndarray:
+    """Indices (int64, ascending) keeping at most ``max_per_class`` items of each label: a seeded
+    random choice per class, classes drawn in ascending label order, kept in their original order."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    for label in np.unique(labels):
+        mine = np.flatnonzero(labels == label)
+        if mine.size > max_per_class:
+            mine = np.sort(rng.choice(mine, max_per_class, replace=False))
+        keep.append(mine)
+    return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, np.int64)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.atomic import atomic_path
+
 from engine.errors import CorruptFileError, EngineError
 
 
@@ -109,13 +111,9 @@ class VectorIndex:
         """Write atomically: a temporary file in the same folder, fsynced, then renamed over the
         old one, so a crash leaves either the old index or the new one, never half of one."""
         faiss = _faiss()
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        faiss.write_index(self._index, os.fspath(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        with atomic_path(path) as tmp:
+            faiss.write_index(self._index, os.fspath(tmp))
+        return Path(path)
 
     def memory_bytes(self) -> int:
         """Serialised size of the index in bytes (what it costs on disk and, roughly, in RAM)."""

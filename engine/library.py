@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from engine.atomic import write_atomic
 from engine.config import IndexConfig, LibraryPaths, default_home
 from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelMismatchError
 
@@ -317,9 +318,7 @@ class Library:
         index.save(self.paths.index)
         fault_point("index-replaced")
         state = {"generation": generation, "ntotal": index.ntotal, "factory": index.factory}
-        tmp = self.paths.index_state.with_name(f".{self.paths.index_state.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.paths.index_state)
+        write_atomic(self.paths.index_state, json.dumps(state))
 
     # -- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager

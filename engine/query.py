@@ -76,7 +76,7 @@ def _stored_vectors(library, paths: Sequence[str], dim: int) -> dict[str, np.nda
 def embed_queries(library, paths: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
     """Query vectors float32 [Q, D] in the order of ``paths`` (a zero row where decoding failed),
     and per query the error text or None. Indexed, unchanged files reuse their stored vector."""
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
 
     info = library.model_info()
     dim = info.dim
@@ -152,7 +152,7 @@ class Comparison:
 def compare_images(encoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
     """Embed ``a`` and ``b`` with ``encoder`` and judge them by ``threshold`` (default: the
     encoder's calibrated one, else the pretrained default). Raises ImageError for an unreadable file."""
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.encoder import DEFAULT_THRESHOLD
 
     done = embed_files(encoder, [a, b], workers=0)

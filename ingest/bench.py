@@ -64,6 +64,7 @@ class BenchConfig:
     query_sizes: index sizes for query latency (default (10000, n_vectors); quick (n_vectors,)).
     query_repeats: single-query searches timed per size (default 200; quick 50).
     factories: FAISS factory strings for the index-type table.
+    search_params: extra search settings tried on each index type (rows beside the defaults).
     index_queries: queries for recall and queries/s (default 1000; quick 200).
     metadata_rows: rows for the bulk insert (default 50000; quick 5000).
     decode_size: (width, height) of the generated JPEG for the draft benchmark.
@@ -84,6 +85,7 @@ class BenchConfig:
     query_sizes: tuple[int, ...] | None = None
     query_repeats: int | None = None
     factories: tuple[str, ...] = DEFAULT_FACTORIES
+    search_params: tuple[str, ...] = ("nprobe=16", "efSearch=64")
     index_queries: int | None = None
     metadata_rows: int | None = None
     decode_size: tuple[int, int] = (4000, 3000)
@@ -230,7 +232,7 @@ class SyntheticEmbeddings:
 
 def _predecode(encoder, paths: Sequence[str], batch_size: int) -> list:
     """The files decoded and transformed exactly as ingest does, stacked into float32 [B, 3, H, W]."""
-    from engine.dataset import ImageFileDataset, collate_decoded
+    from engine.loader import ImageFileDataset, collate_decoded
     from engine.preprocess import build_transform, draft_size_for
 
     dataset = ImageFileDataset(paths, build_transform(encoder.data_config), draft_size_for(encoder.data_config))
@@ -307,13 +309,14 @@ def bench_ingest(paths: Sequence[str], *, model: str = "pretrained", batch_size:
     ``ratio`` = ingest images/s / bare model images/s; 1.0 would mean decode, hashing and writes
     cost nothing. ``cpu_ratio`` = the same with CPU time per image (all threads and decode
     workers): what the ratio would be with perfect overlap on fully used cores, and much less
-    disturbed than wall time when other processes share the machine. ``threads`` sets torch's thread count for both sides (None: as it is).
-    ``keep_library``: an empty folder that receives the library of the last round (else temporary).
+    disturbed than wall time when other processes share the machine. ``threads`` sets torch's
+    thread count for both sides (None: as it is). ``keep_library``: an empty folder that receives
+    the library of the last round (else a temporary one is used and deleted).
     Returns a dict (see keys) with every run listed under ``runs``.
     """
     import torch
 
-    from engine.dataset import default_workers
+    from engine.loader import default_workers
     from engine.encoder import load_encoder, resolve_device
 
     dev = resolve_device(device)
@@ -559,7 +562,7 @@ def bench_query(sizes: Sequence[int] = (10_000, 1_000_000), *, dim: int = 1280, 
 def bench_query_embed(encoder, image: str | os.PathLike, *, repeats: int = 20) -> dict[str, Any]:
     """Warm decode + preprocess + forward of one query image (``embed_files`` with no workers, as
     ``engine query`` does for a few images): p50/p99 ms."""
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
 
     embed_files(encoder, [image], workers=0)
     samples = []
@@ -595,7 +598,7 @@ def bench_search_library(home: str | os.PathLike, image: str | os.PathLike, *, k
 _COLD_QUERY_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import engine.cli, engine.library, engine.query, engine.encoder, engine.dataset, engine.index
+import engine.cli, engine.library, engine.query, engine.encoder, engine.embedding, engine.index
 import numpy, torch, timm, faiss, sqlalchemy, PIL.Image
 t1 = time.perf_counter()
 from engine.library import Library
@@ -737,19 +740,25 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def bench_index_types(n: int = 100_000, dim: int = 1280, factories: Sequence[str] = DEFAULT_FACTORIES, *,
-                      k: int = 10, n_queries: int = 1000, seed: int = 0, polysemous: bool = True) -> dict[str, Any]:
+                      k: int = 10, n_queries: int = 1000, seed: int = 0, polysemous: bool = True,
+                      search_params: Sequence[str] = ()) -> dict[str, Any]:
     """Per FAISS index type (through ``VectorIndex``, as the engine builds it, default search
     parameters): build time (train + add), recall@k against exact search, batch queries/s,
     single-query p50 and serialised bytes per vector, on ``n`` synthetic vectors. Factories are
-    adapted by ``fit_factory`` (see there; ``factory_used`` says what ran)."""
+    adapted by ``fit_factory`` (see there; ``factory_used`` says what ran).
+
+    ``search_params``: FAISS ParameterSpace strings (``"nprobe=16"``, ``"efSearch=64"``) tried on
+    each index after its default row; each that applies adds a row (same build, other search)."""
+    import faiss
+
+    from engine.index import VectorIndex
+
     gen = SyntheticEmbeddings(dim, seed)
     database = np.concatenate(list(gen.chunks(n, seed + 1)))
     queries = gen.sample(n_queries, seed + 999)
     ids = np.arange(n, dtype=np.int64)
     truth = exact_neighbours(database, queries, k)
     rows = []
-    from engine.index import VectorIndex
-
     for factory in factories:
         used = fit_factory(factory, n, polysemous=polysemous)
         index = VectorIndex.build(dim, used)
@@ -757,18 +766,25 @@ def bench_index_types(n: int = 100_000, dim: int = 1280, factories: Sequence[str
         index.train(database)
         index.add(database, ids)
         build_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _, found = index.search(queries, k)
-        batch_s = time.perf_counter() - t0
-        single = []
-        for q in queries[:50]:
-            t1 = time.perf_counter()
-            index.search(q[None], k)
-            single.append(time.perf_counter() - t1)
-        rows.append({"factory": factory, "factory_used": used, "build_s": round(build_s, 2),
-                     f"recall@{k}": round(recall_at_k(found, truth), 4),
-                     "queries_per_s": round(n_queries / batch_s, 1), "single_p50_ms": _pct(single)["p50_ms"],
-                     "bytes_per_vector": round(index.memory_bytes() / n, 1)})
+        size = round(index.memory_bytes() / n, 1)
+        for params in ("", *search_params):
+            if params:
+                try:
+                    faiss.ParameterSpace().set_index_parameters(index._index, params)
+                except RuntimeError:  # not a parameter of this index type
+                    continue
+            t0 = time.perf_counter()
+            _, found = index.search(queries, k)
+            batch_s = time.perf_counter() - t0
+            single = []
+            for q in queries[:50]:
+                t1 = time.perf_counter()
+                index.search(q[None], k)
+                single.append(time.perf_counter() - t1)
+            rows.append({"factory": factory, "factory_used": used, "params": params or "default",
+                         "build_s": round(build_s, 2), f"recall@{k}": round(recall_at_k(found, truth), 4),
+                         "queries_per_s": round(n_queries / batch_s, 1), "single_p50_ms": _pct(single)["p50_ms"],
+                         "bytes_per_vector": size})
         del index
     return {"n": n, "dim": dim, "k": k, "queries": n_queries, "data": "synthetic clustered unit vectors",
             "rows": rows}
@@ -833,7 +849,8 @@ def run_bench(config: BenchConfig = BenchConfig()) -> dict[str, Any]:
         if "index" in cfg.sections:
             _section(results, "index", lambda: bench_index_types(cfg.n_vectors, cfg.dim, cfg.factories,
                                                                  n_queries=cfg.index_queries, seed=cfg.seed,
-                                                                 polysemous=not cfg.quick))
+                                                                 polysemous=not cfg.quick,
+                                                                 search_params=cfg.search_params))
     results["machine"]["loadavg_end"] = _loadavg()
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
@@ -948,10 +965,11 @@ def format_bench(results: dict[str, Any]) -> str:
     if not failed("index"):
         s = results["index"]
         lines += ["", f"index types: {s['n']:,} {s['data']}, dim {s['dim']}, {s['queries']} queries, "
-                      "engine default search parameters"]
-        lines += _table(["factory", "build s", f"recall@{s['k']}", "queries/s", "1-query p50 ms", "bytes/vector"],
-                        [[r["factory_used"], r["build_s"], r[f"recall@{s['k']}"], r["queries_per_s"],
-                          r["single_p50_ms"], r["bytes_per_vector"]] for r in s["rows"]])
+                      "engine default search parameters unless stated"]
+        lines += _table(["factory", "search", "build s", f"recall@{s['k']}", "queries/s", "1-query p50 ms",
+                         "bytes/vector"],
+                        [[r["factory_used"], r.get("params", "default"), r["build_s"], r[f"recall@{s['k']}"],
+                          r["queries_per_s"], r["single_p50_ms"], r["bytes_per_vector"]] for r in s["rows"]])
     if "seconds" in results:
         lines += ["", f"total {results['seconds']} s"]
     return "\n".join(lines)

@@ -523,7 +523,7 @@ def _reembed(library, ids: list[int], config, reingest: list[str], reembedded: l
     """Give rows without a vector one again from their file, when the file still holds the content
     the row describes; other rows are dropped and their paths queued for re-ingest.
     Returns (re-embedded, dropped)."""
-    from engine.dataset import ImageFileDataset, make_loader
+    from engine.loader import ImageFileDataset, decode_batches
     from engine.preprocess import build_transform, draft_size_for
 
     store = library.store
@@ -532,10 +532,9 @@ def _reembed(library, ids: list[int], config, reingest: list[str], reembedded: l
     ordered = [records[i] for i in sorted(records)]
     dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
                                draft_size_for(encoder.data_config), with_facts=True)
-    workers = config.workers or 0
     lost: list[int] = []
     embedded = 0
-    for batch in make_loader(dataset, config.batch_size, workers if len(ordered) > config.batch_size else 0):
+    for batch in decode_batches(dataset, config.batch_size, config.workers or 0):
         keep = [n for n, it in enumerate(batch.items) if it.content_hash == ordered[it.position].content_hash]
         lost += [ordered[it.position].id for n, it in enumerate(batch.items) if n not in set(keep)]
         lost += [ordered[it.position].id for it in batch.failures]

@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from engine.dataset import ImageFileDataset, default_workers, make_loader
+from engine.atomic import write_atomic
 from engine.errors import EngineError
 from engine.files import find_images
+from engine.loader import ImageFileDataset, decode_batches
 from engine.library import fault_point
 from engine.preprocess import build_transform, draft_size_for, image_suffixes
 
@@ -70,12 +71,8 @@ class IngestReport:
 
 
 def _write_failures(path: str | os.PathLike, failed: Sequence[tuple[str, str]]) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as fh:
-        fh.write("path\treason\n")
-        for p, reason in failed:
-            fh.write(f"{p}\t{reason}\n")
-    os.replace(tmp, path)
+    lines = ["path\treason\n"] + [f"{p}\t{reason}\n" for p, reason in failed]
+    write_atomic(path, "".join(lines).encode("utf-8", "backslashreplace"))
 
 
 def _plan(library, files: Sequence[str], report: IngestReport) -> tuple[list[str], dict]:
@@ -190,9 +187,7 @@ def ingest_paths(library, roots: Sequence[str | os.PathLike], config: IngestConf
         if todo:
             dataset = ImageFileDataset(todo, build_transform(encoder.data_config), draft_size_for(encoder.data_config),
                                        with_facts=True)
-            workers = default_workers() if config.workers is None else config.workers
-            loader = make_loader(dataset, config.batch_size, workers if len(todo) > config.batch_size else 0)
-            for batch in loader:
+            for batch in decode_batches(dataset, config.batch_size, config.workers):
                 _commit_batch(library, index, encoder, batch, known, report)
                 done += len(batch.items) + len(batch.failures)
                 if progress:
@@ -256,13 +251,12 @@ def reindex_library(library, *, model: str | None = None, factory: str | None = 
             ordered = sorted(records.values(), key=lambda r: r.id)
             dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
                                        draft_size_for(encoder.data_config))
-            workers = default_workers() if config.workers is None else config.workers
             # Vectors are replaced under the same ids here, so an index holding old ones could never be
             # reconciled by id: it goes first, and a crash from now on leaves only a rebuild to do.
             library.paths.index.unlink(missing_ok=True)
             library.store.clear_embeddings()
             done, lost = 0, []
-            for batch in make_loader(dataset, config.batch_size, workers if len(ordered) > config.batch_size else 0):
+            for batch in decode_batches(dataset, config.batch_size, config.workers):
                 if batch.items:
                     vectors = encoder.embed(batch.images)
                     library.store.put_embeddings([ordered[it.position].id for it in batch.items], vectors)

@@ -58,7 +58,8 @@ def test_run_bench_quick_covers_every_section(tmp_path, tiny_model):
     assert [r["n"] for r in results["query"]["search"]] == [2000]
     assert results["query"]["library"]["vectors"] == 10
     assert results["metadata"]["rows"] == 300 and results["metadata"]["bulk_rows_per_s"] > 0
-    rows = {r["factory"]: r for r in results["index"]["rows"]}
+    rows = {r["factory"]: r for r in results["index"]["rows"] if r["params"] == "default"}
+    assert {r["params"] for r in results["index"]["rows"]} == {"default", "nprobe=16", "efSearch=64"}
     assert rows["Flat"]["recall@10"] == 1.0
     assert rows["IVF1024,PQ8x4"]["factory_used"] == "IVF32,PQ8x4np"
     assert all(0 <= r["recall@10"] <= 1 and r["bytes_per_vector"] > 0 for r in rows.values())

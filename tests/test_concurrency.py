@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.dataset import embed_files
+from engine.embedding import embed_files
 from engine.errors import IndexMissingError, LockError
 from engine.index import VectorIndex
 from engine.library import Library

@@ -18,7 +18,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from engine.cli import main
-from engine.dataset import embed_files
+from engine.embedding import embed_files
 from engine.index import VectorIndex
 from engine.library import Library
 from engine.query import search_library

@@ -13,7 +13,7 @@ from sqlalchemy import update
 
 from db.models import Embedding
 from engine.cli import main
-from engine.dataset import embed_files
+from engine.embedding import embed_files
 from engine.index import VectorIndex
 from engine.library import Library
 from engine.query import search_library

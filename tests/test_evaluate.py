@@ -56,7 +56,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tree, checkpoint):
-    from engine.dataset import embed_files, list_class_folder
+    from engine.embedding import embed_files
+    from engine.files import list_class_folder
     from engine.encoder import load_checkpoint
 
     paths, labels, _ = list_class_folder(tree)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.config import EncoderConfig
-from engine.dataset import embed_files
+from engine.embedding import embed_files
 from engine.encoder import build_encoder
 from engine.weights import find_package_weights
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from engine.cli import main
-from engine.dataset import embed_files
+from engine.embedding import embed_files
 from engine.library import Library
 from engine.preprocess import open_image
 from engine.query import search_library
@@ -144,7 +144,7 @@ def build_broken(folder: Path, monkeypatch) -> dict[str, Path]:
     if os.geteuid() == 0:  # root reads through any mode bits: make the read fail as it would for a user
         import builtins
 
-        import engine.dataset
+        import engine.loader
 
         real_open = builtins.open
 
@@ -153,7 +153,7 @@ def build_broken(folder: Path, monkeypatch) -> dict[str, Path]:
                 raise PermissionError(13, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(engine.dataset, "open", guarded_open, raising=False)
+        monkeypatch.setattr(engine.loader, "open", guarded_open, raising=False)
     os.mkfifo(out["fifo.jpg"])  # opening it for reading would wait forever for a writer
     os.symlink("loop_b.jpg", out["loop_a.jpg"])
     os.symlink("loop_a.jpg", folder / "loop_b.jpg")

@@ -89,7 +89,7 @@ def test_run_folder_has_everything(image_run):
 
 
 def test_checkpoint_loads_and_reproduces_the_best_validation(image_run, tree, tmp_path):
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.metrics import retrieval_metrics
     from train.data import load_class_folder, split_classes
 
@@ -178,7 +178,7 @@ def test_epoch_zero_is_a_candidate(tree, tmp_path):
 
 
 def test_cached_last_stage_training_matches_the_full_encoder(tree, tmp_path):
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.metrics import retrieval_metrics
     from train.data import load_class_folder, split_classes
 
@@ -275,7 +275,7 @@ def test_resolve_preset_fills_only_what_was_not_given():
 
 
 def test_narrow_head_starts_from_pca(tree, tmp_path):
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
 
     config = replace(BASE, dim=6, epochs=1, steps_per_epoch=1, lr=1e-6, backbone_lr=1e-9)
     result = train(tree, tmp_path / "pca", config)

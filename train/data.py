@@ -2,7 +2,7 @@
 P x K batch sampler and the image dataset that decodes through ``engine.preprocess``.
 
 Two shapes of data:
-- ``ClassData``: paths and int64 labels from ``<root>/<class>/<image>`` (``engine.dataset.list_class_folder``).
+- ``ClassData``: paths and int64 labels from ``<root>/<class>/<image>`` (``engine.files.list_class_folder``).
   Batches are P classes x K images; pairs or triplets are mined inside the batch.
 - ``PairData``: the classic Siamese list ``img_a,img_b,label`` (1 similar, 0 dissimilar, paths relative to
   the CSV). Images are numbered once; the pairs index into them.
@@ -184,7 +184,7 @@ def load_class_folder(root: str | os.PathLike, *, max_per_class: int | None = No
     """A folder-per-class tree -> ClassData. max_per_class caps each class at a seeded random choice
     of that many images. Raises DataError naming every empty class, class with fewer than 2 images,
     unreadable file; and for an empty set or a single class."""
-    from engine.dataset import list_class_folder
+    from engine.files import list_class_folder
 
     root = Path(root)
     if not root.is_dir():
@@ -210,14 +210,9 @@ def load_class_folder(root: str | os.PathLike, *, max_per_class: int | None = No
 
 def cap_per_class(data: ClassData, max_per_class: int, seed: int = 0) -> ClassData:
     """At most ``max_per_class`` images per class, a seeded random choice kept in file order."""
-    rng = np.random.default_rng(seed)
-    keep: list[int] = []
-    for c in np.unique(data.labels):
-        idx = np.flatnonzero(data.labels == c)
-        if len(idx) > max_per_class:
-            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
-        keep.extend(idx.tolist())
-    keep.sort()
+    from engine import files
+
+    keep = files.cap_per_class(data.labels, max_per_class, seed).tolist()
     return ClassData([data.paths[i] for i in keep], data.labels[keep], list(data.classes), data.source)
 
 

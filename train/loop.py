@@ -474,18 +474,17 @@ def _compute_cache(encoder, modules: list[nn.Module], pooled: bool, paths: list[
                    what: str) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """The frozen prefix's output for every image: float32 [N, ...] on the encoder's device, and the
     failures as (position, 'path: reason'). Images that fail to decode get zeros."""
-    from engine.dataset import ImageFileDataset, default_workers, make_loader
+    from engine.loader import ImageFileDataset, decode_batches
     from engine.preprocess import draft_size_for
 
     encoder.eval()
     device = encoder.device
-    workers = default_workers() if config.workers is None else config.workers
     dataset = ImageFileDataset(paths, transform, draft_size_for(encoder.data_config))
     out: torch.Tensor | None = None
     failures: list[tuple[int, str]] = []
     done = 0
     batch_size = 64
-    for batch in make_loader(dataset, batch_size, workers if len(paths) > batch_size else 0):
+    for batch in decode_batches(dataset, batch_size, config.workers):
         if batch.images is not None:
             x = batch.images.to(device).contiguous(memory_format=torch.channels_last)
             with _autocast(device, config):
@@ -525,7 +524,7 @@ def train(data, out_dir, config: TrainConfig = TrainConfig(), progress: Progress
 
     Raises DataError for bad data, ModelError for an unusable backbone or checkpoint, EngineError
     when ``out_dir`` already holds a run and resume is off, or resume finds none."""
-    from engine.dataset import default_workers
+    from engine.loader import default_workers
     from engine.encoder import build_encoder, load_checkpoint, resolve_device
 
     started = time.perf_counter()
@@ -914,7 +913,7 @@ def _image_batches(batches, paths, encoder, config: TrainConfig, workers: int, e
 
 
 def _embed_paths(encoder, paths: list[str], workers: int) -> np.ndarray:
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
 
     result = embed_files(encoder, paths, batch_size=64, workers=workers)
     if result.failures:
@@ -925,7 +924,7 @@ def _embed_paths(encoder, paths: list[str], workers: int) -> np.ndarray:
 
 def _pooled_sample(encoder, paths: list[str], config: TrainConfig, limit: int = 2048) -> np.ndarray:
     """Pooled backbone features of up to ``limit`` training images (seeded choice), for a PCA head."""
-    from engine.dataset import embed_files
+    from engine.embedding import embed_files
     from engine.encoder import Encoder
 
     rng = np.random.default_rng(config.seed)

@@ -1,4 +1,4 @@
-"""Decode image files in worker processes and embed them in batches.
+"""Decode image files in worker processes, in batches.
 
 Unreadable files come back as failures with a reason and are dropped at collate time, so one bad
 file never stops a batch. Ingest, eval and training all decode through here (and so through
@@ -12,9 +12,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -105,64 +104,20 @@ def collate_decoded(items: list[Decoded]) -> Batch:
     return Batch(images, good, bad)
 
 
-def make_loader(dataset: Dataset, batch_size: int = 32, workers: int = 1) -> DataLoader:
-    """A DataLoader over ``dataset`` in file order; ``workers`` decode processes (0 = in-process)."""
-    kwargs: dict[str, Any] = {}
-    if workers > 0:
-        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_decoded, **kwargs)
-
-
 def default_workers() -> int:
     """Decode processes that leave the model most of the cores: one per four cores, at least one."""
     return max(1, (os.cpu_count() or 2) // 4)
 
 
-@dataclass
-class EmbeddedFiles:
-    """embeddings: float32 [N_ok, D] in the order of ``paths`` (failed files left out);
-    positions: int64 [N_ok] index into the input paths; failures: (path, reason)."""
-
-    embeddings: np.ndarray
-    positions: np.ndarray
-    failures: list[tuple[str, str]]
-
-
-def embed_files(encoder, paths: Sequence[str | os.PathLike], *, batch_size: int = 32, workers: int | None = None,
-                progress: Callable[[int], None] | None = None) -> EmbeddedFiles:
-    """Decode and embed ``paths`` with ``encoder``'s own preprocessing. progress(n) is called with
-    the number of files finished after each batch."""
-    transform = build_transform(encoder.data_config)
-    dataset = ImageFileDataset(paths, transform, draft_size_for(encoder.data_config))
-    chunks: list[np.ndarray] = []
-    positions: list[int] = []
-    failures: list[tuple[str, str]] = []
+def decode_batches(dataset: Dataset, batch_size: int = 32, workers: int | None = None) -> Iterator[Batch]:
+    """Yield ``Batch``es over ``dataset`` in file order, decoded by ``workers`` processes
+    (None = ``default_workers()``; 0 = in-process). A dataset that fits in one batch is decoded
+    in-process: starting workers would cost more than they save."""
     workers = default_workers() if workers is None else workers
-    for batch in make_loader(dataset, batch_size, workers if len(dataset) > batch_size else 0):
-        if batch.images is not None:
-            chunks.append(encoder.embed(batch.images))
-            positions.extend(it.position for it in batch.items)
-        failures.extend((it.path, it.error or "unknown error") for it in batch.failures)
-        if progress:
-            progress(len(batch.items) + len(batch.failures))
-    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), np.float32)
-    return EmbeddedFiles(embeddings, np.asarray(positions, np.int64), failures)
-
-
-def list_class_folder(root: str | os.PathLike, suffixes: frozenset[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
-    """A folder-per-class tree -> (paths, labels int64 [N], class names). Hidden entries skipped,
-    classes and files in sorted order so labels are stable."""
-    from engine.preprocess import IMAGE_SUFFIXES
-
-    suffixes = suffixes or IMAGE_SUFFIXES
-    root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in suffixes and not any(p.startswith(".") for p in f.relative_to(root).parts):
-                paths.append(str(f))
-                labels.append(label)
-    return paths, np.asarray(labels, np.int64), classes
+    if len(dataset) <= batch_size:
+        workers = 0
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": 4, "persistent_workers": False}
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          collate_fn=collate_decoded, **kwargs)
