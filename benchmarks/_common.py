@@ -1,5 +1,5 @@
 """Shared bits of the benchmark scripts: argument helpers and output (text via
-``ingest.bench.format_bench``, or ``--json``), so every figure is computed in one place."""
+``bench.report.format_bench``, or ``--json``), so every figure is computed in one place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import sys
 from typing import Any
 
-from ingest.bench import format_bench, machine_info
+from bench.machine import machine_info
+from bench.report import format_bench
 
 
 def parser(description: str) -> argparse.ArgumentParser:

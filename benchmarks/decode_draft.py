@@ -12,19 +12,8 @@ from __future__ import annotations
 
 from _common import emit, parser
 
-from ingest.bench import _table, bench_decode_draft
-
-
-def _data_config(model: str) -> dict:
-    from engine.config import DEFAULT_BACKBONE
-    from engine.encoder import load_encoder
-
-    if model == "pretrained":  # no weights needed for the data config
-        import timm
-        from timm.data import resolve_model_data_config
-
-        return dict(resolve_model_data_config(timm.create_model(DEFAULT_BACKBONE, pretrained=False, num_classes=0)))
-    return load_encoder(model).data_config
+from bench.decode import bench_decode_draft, data_config_for
+from bench.report import text_table
 
 
 def main() -> None:
@@ -36,13 +25,13 @@ def main() -> None:
     p.add_argument("--model", default="pretrained")
     args = p.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    config = _data_config(args.model)
+    config = data_config_for(args.model)
     noises = [float(v) for v in args.noise.split(",")]
     runs = [bench_decode_draft(config, image=args.image, size=size, repeats=args.repeats, noise=n)
             for n in (noises if not args.image else noises[:1])]
     extra = ""
     if len(runs) > 1:
-        extra = "\nby noise level:\n" + "\n".join(_table(
+        extra = "\nby noise level:\n" + "\n".join(text_table(
             ["image", "KiB", "with draft ms", "without ms", "speedup (best)", "speedup (median)"],
             [[r["image"], r["file_bytes"] // 1024, r["with_draft_ms"], r["without_draft_ms"], r["speedup"],
               r["speedup_median"]] for r in runs]))

@@ -1,6 +1,7 @@
 """Index types: build time, recall@10 against exact search, queries/s and bytes per vector for
 Flat, HNSW32, IVF1024,Flat and IVF1024,PQ32 through ``VectorIndex`` (engine default search
-parameters, then the --params settings on the same indexes).
+parameters, then the --params settings on the same indexes); the index type shown is read back
+from the saved index.
 
     .venv/bin/python benchmarks/index_types.py --n 100000 --dim 1280
     .venv/bin/python benchmarks/index_types.py --n 100000 --factories "IVF1024,PQ32;IVF1024,PQ32np"
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from _common import emit, parser
 
-from ingest.bench import DEFAULT_FACTORIES, bench_index_types
+from bench.index_types import DEFAULT_FACTORIES, bench_index_types
 
 
 def _factories(text: str) -> tuple[str, ...]:

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from _common import emit, parser
 
-from ingest.bench import _table, bench_ingest, bench_model_configs, image_files, sample_folder
+from bench.ingest import bench_ingest
+from bench.models import bench_model_configs
+from bench.report import text_table
+from bench.samples import image_files, sample_folder
 
 
 def _ints(text: str) -> list[int]:
@@ -43,7 +46,7 @@ def main() -> None:
                                                        threads=(1, 2))
     extra = ""
     if len(runs) > 1:
-        extra = "\nsweep (each ratio against its own interleaved bare-model runs):\n" + "\n".join(_table(
+        extra = "\nsweep (each ratio against its own interleaved bare-model runs):\n" + "\n".join(text_table(
             ["workers", "threads", "model img/s", "ingest img/s", "ratio", "CPU ratio"],
             [[r["workers"], r["torch_threads"], r["model_images_per_s"], r["ingest_images_per_s"], r["ratio"],
               r["cpu_ratio"]] for r in runs]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from _common import emit, parser
 
-from ingest.bench import bench_metadata
+from bench.metadata import bench_metadata
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from _common import emit, parser
 
-from ingest.bench import (bench_cold_query, bench_metadata, bench_query, bench_query_embed, bench_search_library,
-                          image_files, sample_folder)
+from bench.metadata import bench_metadata
+from bench.query import bench_cold_query, bench_query, bench_query_embed, bench_search_library, ingest_library
+from bench.samples import image_files, query_image, sample_folder
 
 
 def main() -> None:
@@ -32,18 +33,15 @@ def main() -> None:
     p.add_argument("--no-cold", action="store_true", help="skip the fresh-process query")
     args = p.parse_args()
     from engine.encoder import load_encoder
-    from engine.library import Library
-    from ingest.pipeline import IngestConfig, ingest_paths
 
     out = {"search": bench_query([int(v) for v in args.sizes.split(",")], dim=args.dim, repeats=args.repeats)}
-    image = sorted((sample_folder().parent / "query").glob("*.jpg"))[0]
+    image = query_image()
     out["query_image"] = str(image)
     out["embed"] = bench_query_embed(load_encoder(args.model, args.device), image, repeats=20)
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp:
         home = Path(tmp) / "library"
-        library = Library(home, device=args.device)
-        ingest_paths(library, image_files(args.data or sample_folder(), args.files), IngestConfig(), model=args.model)
-        library.close()
+        ingest_library(home, image_files(args.data or sample_folder(), args.files), model=args.model,
+                       device=args.device)
         out["library"] = bench_search_library(home, image, repeats=20, device=args.device)
         if not args.no_cold:
             out["cold"] = bench_cold_query(home, image, device=args.device, runs=3)

@@ -28,7 +28,7 @@ DATASETS = Path("/work/shared/datasets")
 
 
 def _config(args, **extra):
-    from train.loop import TrainConfig
+    from train.config import TrainConfig
 
     values = dict(extra)
     for item in args.set or []:
@@ -45,9 +45,9 @@ def _config(args, **extra):
 def _progress(verbose: bool):
     if not verbose:
         return None
-    from train.loop import TqdmProgress
+    from train.progress import TrainProgress
 
-    return TqdmProgress()
+    return TrainProgress()
 
 
 def _embed(encoder, paths, workers):
@@ -92,7 +92,8 @@ def _run(data, out, config, verbose):
     from train.loop import train
 
     t = time.perf_counter()
-    result = train(data, out, config, progress=_progress(verbose))
+    view = _progress(verbose)
+    result = train(data, out, config, progress=view, on_epoch=view.epoch_end if view is not None else None)
     wall = time.perf_counter() - t
     print(f"training wall time {wall:.1f} s; best epoch {result.best_epoch} of {len(result.history) - 1}; "
           f"threshold {result.threshold:.4f}; stopped early: {result.stopped_early}")
@@ -105,8 +106,8 @@ def _run(data, out, config, verbose):
 
 
 def caltech(args):
+    from train.config import resolve_preset
     from train.data import load_class_folder, split_classes
-    from train.loop import resolve_preset
 
     config = resolve_preset(_config(args))
     data = load_class_folder(DATASETS / "caltech101-dev", max_per_class=config.max_per_class, seed=config.seed)
@@ -146,8 +147,8 @@ def oneshot(embeddings, labels, classes, n_way=20, episodes=500, seed=0, group_s
 
 
 def omniglot(args):
+    from train.config import resolve_preset
     from train.data import load_class_folder, split_classes
-    from train.loop import resolve_preset
 
     config = resolve_preset(_config(args, val_group_sep="__", val_classes=0.25))
     data = load_class_folder(DATASETS / "omniglot-background")
@@ -165,8 +166,8 @@ def omniglot(args):
 
 def orl(args):
     from engine.metrics import pair_distances, sample_pairs, verification_metrics
+    from train.config import resolve_preset
     from train.data import load_class_folder, split_classes
-    from train.loop import resolve_preset
 
     config = resolve_preset(_config(args, val_classes=0.25, val_pairs=2000))
     data = load_class_folder(DATASETS / "orl-faces")
@@ -203,7 +204,10 @@ def throughput(args):
 
     from engine.config import EncoderConfig
     from engine.encoder import build_encoder, resolve_device
-    from train.loop import _autocast, _with_head, resolve_preset, train
+    from train.config import resolve_preset
+    from train.head import with_head
+    from train.loop import train
+    from train.precision import autocast
 
     config = resolve_preset(_config(args, epochs=1, steps_per_epoch=args.steps, batch_size=args.batch_size,
                                     images_per_class=4, image_size=args.image_size, freeze_epochs=0,
@@ -212,7 +216,7 @@ def throughput(args):
                                     max_per_class=8))
     device = resolve_device(config.device)
     base = build_encoder(EncoderConfig(backbone=config.backbone, image_size=config.image_size), device)
-    encoder = _with_head(base, base.feature_dim, device)
+    encoder = with_head(base, base.feature_dim, device)
     encoder.train()
     size = encoder.data_config["input_size"][-1]
     x = torch.randn(config.batch_size, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -223,7 +227,7 @@ def throughput(args):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            with _autocast(device, config):
+            with autocast(device, config.amp):
                 out = encoder(x)
             out.float().sum().backward()
             if device.type == "cuda":
@@ -249,8 +253,8 @@ def throughput(args):
         step_rates: list[float] = []
         last = {"t": None, "n": 0}
 
-        def progress(event, info):
-            if event == "step":
+        def progress(done, total):
+            if done:  # a step finished (done == 0 opens the epoch)
                 now = time.perf_counter()
                 if last["t"] is not None:
                     step_rates.append(config.batch_size / (now - last["t"]))

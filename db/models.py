@@ -6,6 +6,7 @@ import os
 from datetime import datetime
 
 from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -17,10 +18,10 @@ class FsPath(TypeDecorator):
     impl = LargeBinary
     cache_ok = True
 
-    def process_bind_param(self, value, dialect):
+    def process_bind_param(self, value: str | os.PathLike | None, dialect: Dialect) -> bytes | None:
         return None if value is None else os.fsencode(value)
 
-    def process_result_value(self, value, dialect):
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
         return None if value is None else os.fsdecode(bytes(value))
 
 

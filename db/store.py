@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
 from db.models import Alias, Base, Embedding, Image, Meta
 
@@ -109,30 +109,47 @@ class MetadataStore:
             else parsed.render_as_string(hide_password=True)
         self._on_corrupt = on_corrupt or StoreError
         try:
-            self.engine: Engine = create_engine(url)
-            if self.engine.dialect.name == "sqlite":
-                event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "handle_error", self._handle_error)
-            Base.metadata.create_all(self.engine)
-            with self.engine.begin() as conn:
-                found = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
-                if found is None:
-                    conn.execute(insert(Meta).values(key="schema_version", value=json.dumps(SCHEMA_VERSION)))
-                elif json.loads(found) > SCHEMA_VERSION:
-                    raise StoreError(f"database {self.where} was written by a newer engine (schema {found})")
+            self._engine: Engine = create_engine(url)  # private: SQL stays inside db/
+            if self._engine.dialect.name == "sqlite":
+                event.listen(self._engine, "connect", _sqlite_pragmas)
+            event.listen(self._engine, "handle_error", self._handle_error)
+            found = self._create_schema()
         except (DatabaseError, OperationalError) as exc:
             raise StoreError(f"database {self.where} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
+        if json.loads(found) > SCHEMA_VERSION:
+            raise StoreError(f"database {self.where} was written by a newer engine (schema {found})")
 
-    def _handle_error(self, context) -> None:
+    def _create_schema(self, attempts: int = 3) -> str:
+        """Create the tables and the schema version row where missing; returns the version found
+        (JSON text). Two processes opening a new library at once can both see no table and both
+        create it: the loser's CREATE or INSERT fails, and trying again finds the winner's."""
+        for _ in range(attempts - 1):
+            try:
+                return self._create_schema_once()
+            except (OperationalError, IntegrityError) as exc:
+                if not (isinstance(exc, IntegrityError) or "already exists" in str(exc.orig)):
+                    raise
+        return self._create_schema_once()
+
+    def _create_schema_once(self) -> str:
+        Base.metadata.create_all(self._engine)
+        with self._engine.begin() as conn:
+            found = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+            if found is None:
+                found = json.dumps(SCHEMA_VERSION)
+                conn.execute(insert(Meta).values(key="schema_version", value=found))
+        return found
+
+    def _handle_error(self, context: ExceptionContext) -> None:
         if _is_corruption(context.original_exception):
             raise self._on_corrupt(f"database file {self.where} is damaged ({context.original_exception})") from None
 
     def integrity_errors(self, limit: int = 20) -> list[str]:
         """SQLite's own page-level check (``PRAGMA quick_check``): an empty list when the file is
         sound. Reads the whole file, so it is for ``engine doctor``, not for every open."""
-        if self.engine.dialect.name != "sqlite":
+        if self._engine.dialect.name != "sqlite":
             return []
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             rows = [str(r[0]) for r in conn.exec_driver_sql(f"PRAGMA quick_check({int(limit)})").all()]
         return [] if rows == ["ok"] else rows
 
@@ -140,21 +157,26 @@ class MetadataStore:
     def for_file(cls, path: str | os.PathLike) -> "MetadataStore":
         return cls(f"sqlite:///{os.fspath(path)}")
 
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` at every commit, before it reaches the database (the crash tests'
+        ``commit`` fault point kills the process there)."""
+        event.listen(self._engine, "commit", lambda _conn: callback())
+
     def close(self) -> None:
-        self.engine.dispose()
+        self._engine.dispose()
 
     # -- library facts -------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             value = conn.scalar(select(Meta.value).where(Meta.key == key))
         return default if value is None else json.loads(value)
 
     def set_meta(self, key: str, value: Any) -> None:
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             self._set_meta(conn, key, value)
 
     @staticmethod
-    def _set_meta(conn, key: str, value: Any) -> None:
+    def _set_meta(conn: Connection, key: str, value: Any) -> None:
         text = json.dumps(value)
         if conn.execute(update(Meta).where(Meta.key == key).values(value=text)).rowcount == 0:
             conn.execute(insert(Meta).values(key=key, value=text))
@@ -164,27 +186,27 @@ class MetadataStore:
         return int(self.get_meta("generation", 0))
 
     @staticmethod
-    def _bump(conn) -> None:
+    def _bump(conn: Connection) -> None:
         current = conn.scalar(select(Meta.value).where(Meta.key == "generation"))
         MetadataStore._set_meta(conn, "generation", (json.loads(current) if current else 0) + 1)
 
     # -- reads ---------------------------------------------------------------------------------
     def count(self) -> int:
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return int(conn.scalar(select(func.count()).select_from(Image)))
 
     def count_aliases(self) -> int:
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return int(conn.scalar(select(func.count()).select_from(Alias)))
 
     def count_embeddings(self) -> int:
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             return int(conn.scalar(select(func.count()).select_from(Embedding)))
 
     def lookup_paths(self, paths: Sequence[str]) -> dict[str, PathState]:
         """Known paths among ``paths`` (canonical or alias) with their last-seen size/mtime/hash."""
         found: dict[str, PathState] = {}
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             for chunk in _chunks(list(paths)):
                 for row in conn.execute(select(Image.id, Image.path, Image.bytes, Image.mtime, Image.content_hash)
                                         .where(Image.path.in_(chunk))):
@@ -197,7 +219,7 @@ class MetadataStore:
     def lookup_hashes(self, hashes: Iterable[str]) -> dict[str, int]:
         """content hash -> image id for the hashes already indexed."""
         found: dict[str, int] = {}
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             for chunk in _chunks(sorted(set(hashes))):
                 for row in conn.execute(select(Image.id, Image.content_hash).where(Image.content_hash.in_(chunk))):
                     found.setdefault(row.content_hash, row.id)
@@ -207,15 +229,16 @@ class MetadataStore:
         """Records by id; ids that no longer exist are simply absent."""
         out: dict[int, ImageRecord] = {}
         wanted = sorted({int(i) for i in ids if int(i) >= 0})
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             for chunk in _chunks(wanted):
                 for row in conn.execute(select(Image).where(Image.id.in_(chunk))):
                     out[row.id] = ImageRecord(**{k: getattr(row, k) for k in ImageRecord.__dataclass_fields__})
         return out
 
     def aliases_of(self, ids: Iterable[int]) -> dict[int, list[str]]:
+        """image id -> its alias paths, for the ids among ``ids`` that have any."""
         out: dict[int, list[str]] = {}
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             for chunk in _chunks(sorted({int(i) for i in ids})):
                 for row in conn.execute(select(Alias.image_id, Alias.path).where(Alias.image_id.in_(chunk))):
                     out.setdefault(row.image_id, []).append(row.path)
@@ -225,7 +248,7 @@ class MetadataStore:
         """(ids int64 [M], vectors float32 [M, dim]) for the requested ids that have a vector."""
         got_ids: list[int] = []
         vecs: list[bytes] = []
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 for row in conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id.in_(chunk))):
                     got_ids.append(row.image_id)
@@ -236,7 +259,7 @@ class MetadataStore:
         """All stored vectors in id order, in slices: (ids int64 [n], vectors float32 [n, dim])."""
         last = -1
         while True:
-            with self.engine.connect() as conn:
+            with self._engine.connect() as conn:
                 rows = conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id > last)
                                     .order_by(Embedding.image_id).limit(batch)).all()
             if not rows:
@@ -245,16 +268,32 @@ class MetadataStore:
             yield np.asarray([r.image_id for r in rows], np.int64), _decode_vectors([r.vector for r in rows], dim)
 
     def image_ids(self) -> np.ndarray:
-        with self.engine.connect() as conn:
+        """Every image id, int64 [N] ascending."""
+        with self._engine.connect() as conn:
             return np.asarray(conn.scalars(select(Image.id).order_by(Image.id)).all(), np.int64)
 
     def embedding_ids(self) -> np.ndarray:
-        with self.engine.connect() as conn:
+        """The ids that have a stored vector, int64 [M] ascending."""
+        with self._engine.connect() as conn:
             return np.asarray(conn.scalars(select(Embedding.image_id).order_by(Embedding.image_id)).all(), np.int64)
+
+    def malformed_embedding_ids(self, dim: int) -> list[int]:
+        """Ids whose stored vector is not ``dim`` float32 values (``dim * 4`` bytes), ascending."""
+        with self._engine.connect() as conn:
+            return [int(i) for i in conn.scalars(select(Embedding.image_id)
+                                                 .where(func.length(Embedding.vector) != int(dim) * 4)
+                                                 .order_by(Embedding.image_id)).all()]
+
+    def file_stats(self) -> list[tuple[str, int, float]]:
+        """(path, bytes, mtime) as last seen, for every known path: canonical paths, then aliases."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(Image.path, Image.bytes, Image.mtime)).all()
+            rows += conn.execute(select(Alias.path, Alias.bytes, Alias.mtime)).all()
+        return [(r.path, int(r.bytes), float(r.mtime)) for r in rows]
 
     def iter_paths(self) -> Iterator[tuple[str, int, bool]]:
         """(path, image id, is_alias) for every known path."""
-        with self.engine.connect() as conn:
+        with self._engine.connect() as conn:
             rows = conn.execute(select(Image.path, Image.id)).all()
             alias_rows = conn.execute(select(Alias.path, Alias.image_id)).all()
         for row in rows:
@@ -276,7 +315,7 @@ class MetadataStore:
         reconciled by id sets alone. Returns (new row ids in order, ids whose vectors must go)."""
         now = _now()
         ids: list[int] = []
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             gone = self._remove_paths(conn, replaced_paths) if replaced_paths else []
             if new_rows:
                 rows = [dict(r, added_at=r.get("added_at") or now) for r in new_rows]
@@ -304,7 +343,7 @@ class MetadataStore:
     def put_embeddings(self, ids: Sequence[int], vectors: np.ndarray) -> None:
         """Store (or replace) vectors for existing rows, in one transaction."""
         vectors = np.ascontiguousarray(vectors, np.float32)
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             for chunk_start in range(0, len(ids), _CHUNK):
                 chunk = [int(i) for i in ids[chunk_start:chunk_start + _CHUNK]]
                 conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
@@ -316,13 +355,13 @@ class MetadataStore:
         """Forget ``paths``. An alias is dropped; a canonical path with aliases hands its row to the
         first alias (same content, same vector); otherwise row and vector go. Returns the image ids
         whose vectors must leave the index."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             gone = self._remove_paths(conn, paths)
             self._bump(conn)
         return gone
 
     @staticmethod
-    def _remove_paths(conn, paths: Sequence[str]) -> list[int]:
+    def _remove_paths(conn: Connection, paths: Sequence[str]) -> list[int]:
         gone: list[int] = []
         for chunk in _chunks(list(paths)):
             conn.execute(delete(Alias).where(Alias.path.in_(chunk)))
@@ -341,14 +380,14 @@ class MetadataStore:
 
     def delete_embeddings(self, ids: Sequence[int]) -> None:
         """Drop the stored vectors of these rows, keeping the rows (repair of malformed vectors)."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
             self._bump(conn)
 
     def remove_ids(self, ids: Sequence[int]) -> None:
         """Delete rows (and their vectors and aliases) by id."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             for chunk in _chunks([int(i) for i in ids]):
                 conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
                 conn.execute(delete(Alias).where(Alias.image_id.in_(chunk)))
@@ -357,7 +396,7 @@ class MetadataStore:
 
     def clear_embeddings(self) -> None:
         """Drop every stored vector (before a re-embed with another encoder)."""
-        with self.engine.begin() as conn:
+        with self._engine.begin() as conn:
             conn.execute(delete(Embedding))
             self._bump(conn)
 

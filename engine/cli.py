@@ -11,11 +11,19 @@ import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from engine.errors import EngineError
+# Torch-free: the train command's choices and its option check come from here at import time.
+from train.config import FIELDS as TRAIN_FIELDS
+from train.config import LOSSES, MINERS, PRESET_NAMES
+
+if TYPE_CHECKING:
+    from engine.library import Library
+    from engine.query import Hit
+    from train.config import TrainConfig
 
 
 def _printable(text: str) -> str:
@@ -31,7 +39,7 @@ def handle_errors(func: Callable) -> Callable:
     """Turn the project's exceptions (and anything unexpected) into one-line messages."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except EngineError as exc:
@@ -52,12 +60,14 @@ def handle_errors(func: Callable) -> Callable:
 
 
 class Context:
-    def __init__(self, home: str | None, device: str, database_url: str | None):
+    """The global options, shared by every command."""
+
+    def __init__(self, home: str | None, device: str, database_url: str | None) -> None:
         self.home = home
         self.device = device
         self.database_url = database_url
 
-    def library(self):
+    def library(self) -> Library:
         from engine.library import Library
 
         return Library(self.home, device=self.device, database_url=self.database_url)
@@ -66,14 +76,16 @@ class Context:
 pass_ctx = click.make_pass_decorator(Context)
 
 
-class _Progress:
-    """A tqdm bar on stderr fed with (done, total) callbacks; silent when stderr is not a terminal
-    unless forced."""
+class _ProgressBar:
+    """The one progress adapter: a tqdm bar on stderr fed with engine.progress.ProgressFn calls
+    (done, total). Silent when stderr is not a terminal, unless ENGINE_PROGRESS forces it; a
+    ``done`` that goes back down starts the bar again (a new phase)."""
 
-    def __init__(self, desc: str, enabled: bool = True):
-        self.desc, self.enabled, self.bar = desc, enabled, None
+    def __init__(self, desc: str, enabled: bool = True) -> None:
+        self.desc, self.enabled = desc, enabled
+        self.bar: Any = None
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int | None) -> None:
         if not self.enabled:
             return
         if self.bar is None:
@@ -81,9 +93,10 @@ class _Progress:
 
             self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True,
                             disable=None if not os.environ.get("ENGINE_PROGRESS") else False)
-            self.bar.update(done)
-            return
-        self.bar.total = total
+        if done < self.bar.n:
+            self.bar.reset(total=total)
+        elif total != self.bar.total:
+            self.bar.total = total
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -100,8 +113,8 @@ def _waiting() -> None:
               help="Library folder (database, index, encoder). Default: $ENGINE_HOME or ~/.local/share/engine.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where the encoder runs; auto picks CUDA when present.")
-@click.option("--database-url", envvar="ENGINE_DATABASE_URL", default=None,
-              help="Any SQLAlchemy URL for the metadata (default: SQLite in the library folder).")
+@click.option("--database-url", default=None,  # $ENGINE_DATABASE_URL is read by Library, not here
+              help="Any SQLAlchemy URL for the metadata. Default: $ENGINE_DATABASE_URL, else SQLite in the library folder.")
 @click.version_option(package_name="engine")
 @click.pass_context
 def main(ctx: click.Context, home: str | None, device: str, database_url: str | None) -> None:
@@ -123,12 +136,13 @@ def main(ctx: click.Context, home: str | None, device: str, database_url: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_ctx
 @handle_errors
-def ingest(obj: Context, paths, model, batch_size, workers, exclude, prune, as_json) -> None:
+def ingest(obj: Context, paths: tuple[str, ...], model: str | None, batch_size: int, workers: int | None,
+           exclude: tuple[str, ...], prune: bool, as_json: bool) -> None:
     """Index every image under PATHS (files or folders). Rerunning only indexes what changed."""
     from ingest.pipeline import IngestConfig, ingest_paths
 
     config = IngestConfig(batch_size=batch_size, workers=workers, exclude=tuple(exclude), prune=prune)
-    bar = _Progress("ingest", enabled=not as_json or bool(os.environ.get("ENGINE_PROGRESS")))
+    bar = _ProgressBar("ingest", enabled=not as_json or bool(os.environ.get("ENGINE_PROGRESS")))
     try:
         report = ingest_paths(obj.library(), paths, config, model=model, progress=bar, on_wait=_waiting)
     finally:
@@ -148,7 +162,7 @@ def ingest(obj: Context, paths, model, batch_size, workers, exclude, prune, as_j
         sys.exit(1)
 
 
-def _format_hit(hit) -> str:
+def _format_hit(hit: Hit) -> str:
     rec = hit.record
     facts = [f"{rec.width}x{rec.height}" if rec.width else "", rec.format or ""]
     if rec.taken_at:
@@ -167,40 +181,34 @@ def _format_hit(hit) -> str:
               help="Mark hits within this L2 distance as similar; alone, the encoder's calibrated threshold.")
 @click.option("--model", default=None, help="Refuse unless the library was built with this model.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query, one per line.")
+@click.option("--no-server", is_flag=True, help="Search in this process even when `engine serve` runs for this library.")
 @pass_ctx
 @handle_errors
-def query(obj: Context, images, k, threshold, model, as_json) -> None:
-    """Find the K most similar indexed images to each IMAGE (files or folders)."""
-    from engine.files import find_images
-    from engine.preprocess import image_suffixes
+def query(obj: Context, images: tuple[str, ...], k: int, threshold: str | float | None, model: str | None,
+          as_json: bool, no_server: bool) -> None:
+    """Find the K most similar indexed images to each IMAGE (files, or folders walked as ingest
+    walks them). A running `engine serve` for this library answers when there is one."""
     from engine.query import search_library
 
-    library = obj.library()
-    if not library.exists():
-        raise EngineError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
-    if model is not None:
-        library.check_model(model)
-    if threshold == "model":
-        from engine.encoder import DEFAULT_THRESHOLD
-
-        calibrated = library.encoder().threshold
-        threshold = DEFAULT_THRESHOLD if calibrated is None else calibrated
-    elif threshold is not None:
+    if threshold not in (None, "model"):
         try:
             threshold = float(threshold)
         except ValueError:
             raise click.BadParameter(f"{threshold!r} is not a number", param_hint="--threshold") from None
-    found = find_images(images, image_suffixes())
-    if found.missing and not found.files:
-        raise EngineError(_printable(f"{found.missing[0][0]}: {found.missing[0][1]}"))
-    results = search_library(library, found.files, k, threshold=threshold)
+    results = None
+    if not no_server and model is None:
+        from engine.service.client import search_via_service
+
+        results = search_via_service(obj.home, obj.database_url, images, k, threshold=threshold)
+    if results is None:
+        library = obj.library()
+        if library.exists():  # an empty home is search_library's error to report
+            if model is not None:
+                library.check_model(model)
+            if threshold == "model":
+                threshold = library.encoder().decision_threshold
+        results = search_library(library, images, k, threshold=threshold)
     failed = 0
-    for path, reason in found.missing:
-        failed += 1
-        if as_json:
-            _echo_json({"query": path, "hits": [], "error": reason})
-        else:
-            click.echo(_printable(f"error: {path}: {reason}"), err=True)
     for result in results:
         if result.error:
             failed += 1
@@ -214,7 +222,7 @@ def query(obj: Context, images, k, threshold, model, as_json) -> None:
         click.echo("rank  score   distance  path")
         for hit in result.hits:
             click.echo(_format_hit(hit))
-    if failed and failed == len(results) + len(found.missing):
+    if failed and failed == len(results):
         sys.exit(1)
 
 
@@ -224,19 +232,28 @@ def query(obj: Context, images, k, threshold, model, as_json) -> None:
 @click.option("--model", default=None, help="pretrained or a checkpoint (default: the library's encoder, else pretrained).")
 @click.option("--threshold", type=float, default=None, help="L2 distance at or below which the pair is similar.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--no-server", is_flag=True, help="Compare in this process even when `engine serve` runs for this library.")
 @pass_ctx
 @handle_errors
-def compare(obj: Context, a, b, model, threshold, as_json) -> None:
-    """Say whether images A and B are similar, by the calibrated distance threshold."""
-    from engine.encoder import load_encoder, resolve_device
-    from engine.query import compare_images
+def compare(obj: Context, a: str, b: str, model: str | None, threshold: float | None, as_json: bool,
+            no_server: bool) -> None:
+    """Say whether images A and B are similar, by the calibrated distance threshold. A running
+    `engine serve` for this library answers when there is one (and no --model is given)."""
+    result = None
+    if not no_server and model is None:
+        from engine.service.client import compare_via_service
 
-    library = obj.library()
-    if model is None and library.exists():
-        encoder = library.encoder()
-    else:
-        encoder = load_encoder(model or "pretrained", resolve_device(obj.device))
-    result = compare_images(encoder, a, b, threshold=threshold)
+        result = compare_via_service(obj.home, obj.database_url, a, b, threshold=threshold)
+    if result is None:
+        from engine.encoder import load_encoder, resolve_device
+        from engine.query import compare_images
+
+        library = obj.library()
+        if model is None and library.exists():
+            encoder = library.encoder()
+        else:
+            encoder = load_encoder(model or "pretrained", resolve_device(obj.device))
+        result = compare_images(encoder, a, b, threshold=threshold)
     if as_json:
         _echo_json(result.to_dict())
     else:
@@ -248,9 +265,9 @@ def compare(obj: Context, a, b, model, threshold, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def info(obj: Context, as_json) -> None:
+def info(obj: Context, as_json: bool) -> None:
     """Counts, model, dimensions, index type, paths and sizes of the library."""
-    from engine.status import describe_library
+    from engine.info import describe_library
 
     facts = describe_library(obj.library())
     if as_json:
@@ -274,11 +291,12 @@ def info(obj: Context, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def reindex(obj: Context, model, index_type, batch_size, workers, as_json) -> None:
+def reindex(obj: Context, model: str | None, index_type: str | None, batch_size: int, workers: int | None,
+            as_json: bool) -> None:
     """Rebuild the index from stored embeddings, or re-embed the library with another encoder."""
     from ingest.pipeline import IngestConfig, reindex_library
 
-    bar = _Progress("reindex", enabled=model is not None and not as_json)
+    bar = _ProgressBar("reindex", enabled=model is not None and not as_json)
     try:
         summary = reindex_library(obj.library(), model=model, factory=index_type,
                                   config=IngestConfig(batch_size=batch_size, workers=workers), progress=bar,
@@ -296,7 +314,7 @@ def reindex(obj: Context, model, index_type, batch_size, workers, as_json) -> No
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @pass_ctx
 @handle_errors
-def remove(obj: Context, paths) -> None:
+def remove(obj: Context, paths: tuple[str, ...]) -> None:
     """Forget PATHS (files, or every indexed file under folders); they never come back from a query."""
     from ingest.pipeline import remove_paths
 
@@ -310,12 +328,12 @@ def remove(obj: Context, paths) -> None:
               help="Where to write the contact sheet (default: the library folder).")
 @pass_ctx
 @handle_errors
-def demo(obj: Context, k, out_dir) -> None:
+def demo(obj: Context, k: int, out_dir: str | None) -> None:
     """Ingest the shipped sample photos, query one that was held out, print the hits and write a
     contact sheet PNG. Works offline."""
     from ingest.demo import run_demo
 
-    bar = _Progress("demo ingest")
+    bar = _ProgressBar("demo ingest")
     try:
         result = run_demo(obj.library(), k=k, out_dir=out_dir, progress=bar)
     finally:
@@ -335,7 +353,7 @@ def demo(obj: Context, k, out_dir) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def doctor(obj: Context, repair, as_json) -> None:
+def doctor(obj: Context, repair: bool, as_json: bool) -> None:
     """Check database against index against disk; with --repair, fix what can be fixed."""
     from ingest.doctor import check_library
 
@@ -362,7 +380,8 @@ def doctor(obj: Context, repair, as_json) -> None:
 def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
     """Speed benchmarks: ingest vs bare model, decode with/without draft, query latency, index
     types (build time, recall@10, queries/s, bytes/vector), metadata insert rate."""
-    from ingest.bench import BenchConfig, format_bench, run_bench
+    from bench.report import format_bench
+    from bench.suite import BenchConfig, run_bench
 
     results = run_bench(BenchConfig(n_vectors=n_vectors, data=data, quick=quick, device=obj.device))
     if out_path:
@@ -404,8 +423,9 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--json", "as_json", is_flag=True, help="Every figure as JSON, one object per model.")
 @pass_ctx
 @handle_errors
-def eval_(obj: Context, dataset, models, protocol, ks, max_per_class, n_pairs, threshold, batch_size, workers, seed,
-          out_dir, as_json) -> None:
+def eval_(obj: Context, dataset: str, models: tuple[str, ...], protocol: str, ks: str, max_per_class: int | None,
+          n_pairs: int, threshold: float | None, batch_size: int, workers: int | None, seed: int, out_dir: str | None,
+          as_json: bool) -> None:
     """Retrieval and verification metrics of one or more models on DATASET: a folder-per-class tree
     or a pair CSV (img_a,img_b,label)."""
     from engine.encoder import resolve_device
@@ -414,16 +434,14 @@ def eval_(obj: Context, dataset, models, protocol, ks, max_per_class, n_pairs, t
     config = EvalConfig(protocol=protocol, ks=_parse_ks(ks), batch_size=batch_size, workers=workers,
                         max_per_class=max_per_class, n_pairs=n_pairs, seed=seed, threshold=threshold,
                         device=str(resolve_device(obj.device)))
-    bar = _Counter("embed", enabled=not as_json)
+    bar = _ProgressBar("embed", enabled=not as_json)
     try:
         reports = evaluate_models(dataset, list(models), config, out_dir, progress=bar)
     finally:
         bar.close()
     if as_json:
-        for report in reports:
-            _echo_json(dict(report.metrics, model=report.model, dataset=report.dataset, protocol=report.protocol,
-                            images=report.images, classes=report.classes, per_class=report.per_class,
-                            failures=len(report.failures), files=report.files))
+        for report in reports:  # the same objects metrics.json lists under "reports"
+            _echo_json(report.to_dict())
         return
     click.echo(format_table(reports))
     worst = reports[0].per_class[:5]
@@ -434,33 +452,34 @@ def eval_(obj: Context, dataset, models, protocol, ks, max_per_class, n_pairs, t
         click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
 
 
-class _Counter:
-    """A tqdm bar fed with increments."""
-
-    def __init__(self, desc: str, enabled: bool = True):
-        self.desc, self.enabled, self.bar = desc, enabled, None
-
-    def __call__(self, n: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
-        self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+# Parameters of ``engine train`` that are its own; every other one names a TrainConfig field.
+_TRAIN_OWN = frozenset({"data", "out_dir", "as_json", "resume"})
 
 
+def _train_config_options(command: click.Command) -> click.Command:
+    """Check, when the command is defined, that each of its options other than ``_TRAIN_OWN`` is a
+    TrainConfig field: a renamed field then fails on import (and in every test), never in a user's run."""
+    unknown = sorted(p.name or "" for p in command.params if p.name not in _TRAIN_OWN and p.name not in TRAIN_FIELDS)
+    if unknown:
+        raise TypeError(f"engine train options without a TrainConfig field: {', '.join(unknown)}")
+    return command
+
+
+def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of ``engine train``'s options: the ones given (not None), and the global --device."""
+    from train.config import TrainConfig
+
+    return TrainConfig(device=device, **{k: v for k, v in options.items() if v is not None})
+
+
+@_train_config_options
 @main.command()
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--preset", type=click.Choice(["cpu-quick", "gpu"]), default=None,
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
               help="cpu-quick: useful in <= 20 min on 2 CPU cores; gpu: the defaults.")
-@click.option("--loss", type=click.Choice(["contrastive", "triplet", "multi-similarity"]), default=None)
-@click.option("--miner", type=click.Choice(["all", "batch-hard", "semi-hard"]), default=None)
+@click.option("--loss", type=click.Choice(LOSSES), default=None)
+@click.option("--miner", type=click.Choice(MINERS), default=None)
 @click.option("--margin", type=float, default=None, help="Loss margin on the L2 distance.")
 @click.option("--epochs", type=click.IntRange(0), default=None)
 @click.option("--batch-size", type=click.IntRange(2), default=None)
@@ -490,18 +509,16 @@ class _Counter:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
 @handle_errors
-def train(obj: Context, data, out_dir, as_json, resume, **options) -> None:
+def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **options: Any) -> None:
     """Fine-tune a Siamese encoder on DATA: a folder-per-class tree or a pair CSV (img_a,img_b,label).
     Writes checkpoint.pt (with the calibrated threshold), metrics.jsonl and plots to --out."""
-    import dataclasses
-
-    from train.loop import TqdmProgress, TrainConfig
     from train.loop import train as run_training
+    from train.progress import TrainProgress
 
-    given = {k: v for k, v in options.items() if v is not None}
-    config = dataclasses.replace(TrainConfig(), device=obj.device, **given)
-    result = run_training(data, out_dir, config, progress=None if as_json else TqdmProgress(file=sys.stderr),
-                          resume=resume)
+    config = _train_config(obj.device, options)
+    view = None if as_json else TrainProgress(file=sys.stderr, resume=resume)
+    result = run_training(data, out_dir, config, progress=view, resume=resume,
+                          on_epoch=view.epoch_end if view is not None else None)
     if as_json:
         _echo_json(result.to_dict())
         return
@@ -513,3 +530,36 @@ def train(obj: Context, data, out_dir, as_json, resume, **options) -> None:
         click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
     click.echo(f"checkpoint: {result.checkpoint}")
     click.echo(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback lets other machines in (set --token then).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--token", envvar="ENGINE_TOKEN", default=None,
+              help="Require `Authorization: Bearer TOKEN` on every API request (default: $ENGINE_TOKEN).")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Largest image file accepted, in MiB (refused while it is read).")
+@click.option("--workers", default=None, type=click.IntRange(1),
+              help="Inference threads (default: one per four cores, at most 4).")
+@pass_ctx
+@handle_errors
+def serve(obj: Context, host: str, port: int, token: str | None, max_upload_mb: float, workers: int | None) -> None:
+    """Serve the library: a web page for searching it by photo and a JSON API (docs at /docs).
+    `engine query` and `engine compare` use it while it runs. Ctrl+C stops it."""
+    try:
+        from engine.service.server import run_server
+        from engine.service.settings import ServiceConfig
+    except ImportError as exc:
+        raise EngineError(f"engine serve needs {exc.name}: pip install fastapi uvicorn python-multipart") from None
+
+    config = ServiceConfig(host=host, port=port, token=token or None,
+                           max_upload_bytes=int(max_upload_mb * 1024 * 1024), workers=workers)
+    if not config.loopback and not config.token:
+        click.echo(f"warning: listening on {host} without --token: anyone who can reach this machine can search "
+                   "the library and see its file names", err=True)
+
+    def ready(address: Any) -> None:
+        click.echo(f"serving {address.url}/ (API docs at {address.url}/docs); Ctrl+C stops", err=True)
+
+    run_server(obj.library(), config, on_ready=ready)

@@ -11,12 +11,11 @@ CLI mapping (``engine eval DATASET [options]``)::
                                       workers=--workers, device=--device,
                                       max_per_class=--max-per-class, n_pairs=--pairs, seed=--seed),
                     out_dir=--out, progress=...)
-    print(format_table(reports))            # or json.dumps([r.to_dict() for r in reports]) for --json
+    print(format_table(reports))            # --json: one json.dumps(report.to_dict()) line per model
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -43,14 +42,17 @@ from engine.metrics import (
     sample_pairs,
     verification_metrics,
 )
+from engine.pairs import PairList, read_pairs
+
+if TYPE_CHECKING:
+    from engine.encoder import Encoder
+    from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("loo", "split", "oneshot")
 # Always reported, so that tables from different runs line up whatever --k asked for.
 STANDARD_KS = (1, 5, 10)
-# Bad CSV rows quoted in the error message before it says "and N more".
-_MAX_QUOTED = 8
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class EvalConfig:
     n_pairs: verification pairs drawn from the evaluated images (half similar, half dissimilar).
     seed: drives the per-class cap, the split, the pairs and the example queries.
     threshold: the L2 distance judged for accuracy/precision/recall/F1; None = the model's own
-        (a checkpoint's calibrated threshold, else engine.encoder.DEFAULT_THRESHOLD).
+        (``Encoder.decision_threshold``: a checkpoint's calibrated one, else DEFAULT_THRESHOLD).
     examples: queries shown in retrieval_examples.png; example_k: hits shown per query.
     """
 
@@ -126,10 +128,28 @@ class EvalReport:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (failures as {"path", "reason"} objects)."""
+        """The one JSON form of a report: what ``engine eval --json`` prints (one object per model,
+        one per line) and what metrics.json lists under "reports". Every field above by name,
+        ``metrics`` nested as {name: number}, failures as {"path", "reason"} objects; plain Python
+        values only (numpy scalars and arrays converted), so any JSON encoder takes it as it is."""
         out = asdict(self)
         out["failures"] = [{"path": p, "reason": r} for p, r in self.failures]
-        return out
+        return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays, tuples and Paths inside dicts and lists -> plain JSON-ready values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,88 +162,6 @@ class _ClassImages:
     paths: list[str]
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
-
-
-@dataclass(frozen=True)
-class PairList:
-    """A pair CSV read and checked: a, b absolute image paths; labels int64 [P] in {0, 1}."""
-
-    source: Path
-    a: list[str]
-    b: list[str]
-    labels: np.ndarray
-
-
-def read_pair_csv(path: str | Path) -> PairList:
-    """Read ``img_a,img_b,label`` rows; paths relative to the CSV's folder, labels 0 or 1.
-
-    A first row whose label cell is not a number is a header. Blank lines and lines starting with
-    ``#`` are skipped. Raises DataError naming the offending lines (wrong column count, label not 0/1,
-    missing file) or when there are no pairs.
-    """
-    path = Path(path)
-    base = path.parent
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read pair list {path}: {exc}") from None
-    a: list[str] = []
-    b: list[str] = []
-    labels: list[int] = []
-    bad: list[str] = []
-    first = True
-    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
-        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-            continue
-        cells = [c.strip() for c in row]
-        if first:
-            first = False
-            if len(cells) == 3 and not _is_number(cells[2]):
-                continue
-        if len(cells) != 3:
-            bad.append(f"line {line_no}: {len(cells)} columns, expected img_a,img_b,label")
-            continue
-        problems = []
-        label = _pair_label(cells[2])
-        if label is None:
-            problems.append(f"label {cells[2]!r} is not 0 or 1")
-        resolved = []
-        for cell in cells[:2]:
-            p = Path(cell).expanduser()
-            p = p if p.is_absolute() else base / p
-            if not cell:
-                problems.append("empty image path")
-            elif not p.is_file():
-                problems.append(f"no such file {cell}")
-            resolved.append(str(p))
-        if problems:
-            bad.append(f"line {line_no}: " + ", ".join(problems))
-            continue
-        a.append(resolved[0])
-        b.append(resolved[1])
-        labels.append(label)
-    if bad:
-        more = f"; and {len(bad) - _MAX_QUOTED} more" if len(bad) > _MAX_QUOTED else ""
-        raise DataError(f"{path}: {len(bad)} bad rows: " + "; ".join(bad[:_MAX_QUOTED]) + more)
-    if not labels:
-        raise DataError(f"{path} holds no pairs (expected rows img_a,img_b,label)")
-    return PairList(path, a, b, np.asarray(labels, np.int64))
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _pair_label(cell: str) -> int | None:
-    try:
-        value = float(cell)
-    except ValueError:
-        return None
-    return int(value) if value in (0.0, 1.0) else None
 
 
 def _load_classes(root: Path, max_per_class: int | None, seed: int) -> _ClassImages:
@@ -282,12 +220,10 @@ def _split_indices(labels: np.ndarray, protocol: str, fraction: float, seed: int
     return np.sort(np.concatenate(queries)), np.sort(np.concatenate(gallery))
 
 
-def _threshold_for(encoder, config: EvalConfig) -> float:
-    from engine.encoder import DEFAULT_THRESHOLD
-
+def _threshold_for(encoder: Encoder, config: EvalConfig) -> float:
     if config.threshold is not None:
         return float(config.threshold)
-    return float(encoder.threshold) if encoder.threshold is not None else float(DEFAULT_THRESHOLD)
+    return encoder.decision_threshold
 
 
 def _verification(distances: np.ndarray, same: np.ndarray, threshold: float) -> tuple[dict, _Figures]:
@@ -329,7 +265,8 @@ def _examples(emb: np.ndarray, labels: np.ndarray, query_idx: np.ndarray, galler
     return chosen, ids, labels[ids] == labels[chosen][:, None], scores
 
 
-def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
+def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig,
+                      progress: ProgressFn | None) -> tuple[EvalReport, _Figures]:
     from engine.embedding import embed_files
     from engine.encoder import load_encoder, resolve_device
 
@@ -373,30 +310,33 @@ def _evaluate_classes(data: _ClassImages, model: str, config: EvalConfig, progre
     return report, figures
 
 
-def _evaluate_pairs(data: PairList, model: str, config: EvalConfig, progress) -> tuple[EvalReport, _Figures]:
+def _evaluate_pairs(data: PairList, model: str, config: EvalConfig,
+                    progress: ProgressFn | None) -> tuple[EvalReport, _Figures]:
     from engine.embedding import embed_files
     from engine.encoder import load_encoder, resolve_device
 
     start = time.perf_counter()
     encoder = load_encoder(model, resolve_device(config.device))
-    unique = sorted(set(data.a) | set(data.b))
+    paths_a = [data.images[i] for i in data.a]
+    paths_b = [data.images[i] for i in data.b]
+    unique = sorted(data.images)
     embedded = embed_files(encoder, unique, batch_size=config.batch_size, workers=config.workers, progress=progress)
     row_of = {unique[p]: n for n, p in enumerate(embedded.positions)}
-    usable = np.asarray([a in row_of and b in row_of for a, b in zip(data.a, data.b)], dtype=bool)
+    usable = np.asarray([a in row_of and b in row_of for a, b in zip(paths_a, paths_b)], dtype=bool)
     if not usable.any():
         raise DataError(f"no pair in {data.source} has two readable images")
     if not usable.all():
         log.warning("%d pairs dropped: an image could not be read", int((~usable).sum()))
-    ia = np.asarray([row_of[a] for a, ok in zip(data.a, usable) if ok], np.int64)
-    ib = np.asarray([row_of[b] for b, ok in zip(data.b, usable) if ok], np.int64)
-    same = data.labels[usable]
+    ia = np.asarray([row_of[a] for a, ok in zip(paths_a, usable) if ok], np.int64)
+    ib = np.asarray([row_of[b] for b, ok in zip(paths_b, usable) if ok], np.int64)
+    same = data.same[usable]
     distances = pair_distances(embedded.embeddings[ia], embedded.embeddings[ib])
     threshold = _threshold_for(encoder, config)
     metrics, figures = _verification(distances, same, threshold)
     metrics["dropped_pairs"] = int((~usable).sum())
     # Show the wrong verdicts first: they are what a reader of pairs.png wants to see.
-    a_kept = [a for a, ok in zip(data.a, usable) if ok]
-    b_kept = [b for b, ok in zip(data.b, usable) if ok]
+    a_kept = [a for a, ok in zip(paths_a, usable) if ok]
+    b_kept = [b for b, ok in zip(paths_b, usable) if ok]
     wrong = (distances <= threshold) != (same == 1)
     order = np.concatenate([np.flatnonzero(wrong), np.flatnonzero(~wrong)])[:16]
     figures.pairs = ([(a_kept[n], b_kept[n]) for n in order], distances[order].tolist(), same[order].tolist())
@@ -406,6 +346,20 @@ def _evaluate_pairs(data: PairList, model: str, config: EvalConfig, progress) ->
         failures=list(embedded.failures), encoder=_encoder_facts(encoder),
         seconds=round(time.perf_counter() - start, 3))
     return report, figures
+
+
+def _model_progress(progress: ProgressFn | None, n: int, n_models: int) -> ProgressFn | None:
+    """Model ``n``'s embedding progress as a share of one count over all ``n_models`` models."""
+    if progress is None:
+        return None
+
+    def report(done: int, total: int | None) -> None:
+        if total is None:
+            progress(done, None)
+        else:
+            progress(n * total + done, n_models * total)
+
+    return report
 
 
 def _model_name(model: str) -> str:
@@ -425,19 +379,20 @@ def _encoder_facts(encoder) -> dict[str, Any]:
 
 
 def evaluate(dataset: str | Path, model: str = "pretrained", config: EvalConfig = EvalConfig(),
-             out_dir: str | Path | None = None, progress: Callable[[int], None] | None = None) -> EvalReport:
+             out_dir: str | Path | None = None, progress: ProgressFn | None = None) -> EvalReport:
     """Evaluate one encoder on ``dataset``; see ``evaluate_models`` (this is it with one model)."""
     return evaluate_models(dataset, [model], config, out_dir, progress)[0]
 
 
 def evaluate_models(dataset: str | Path, models: Sequence[str], config: EvalConfig = EvalConfig(),
                     out_dir: str | Path | None = None,
-                    progress: Callable[[int], None] | None = None) -> list[EvalReport]:
+                    progress: ProgressFn | None = None) -> list[EvalReport]:
     """Evaluate each encoder on the same images and pairs.
 
-    dataset: a folder-per-class tree or a pair CSV (``img_a,img_b,label``, see read_pair_csv).
+    dataset: a folder-per-class tree or a pair CSV (``img_a,img_b,label``, read by engine.pairs.read_pairs).
     models: "pretrained" or checkpoint paths (engine.encoder.load_encoder), in table order.
-    progress(n): called with the number of files finished after each batch, for every model.
+    progress(done, total): files embedded so far out of all the models' files together (each
+        model embeds the same files), after each batch.
     out_dir: when given, writes metrics.json ({"reports": [EvalReport.to_dict(), ...]}), report.md,
         roc.png and pr_curve.png (one curve per model), and per model distances.png,
         retrieval_examples.png and embedding_2d.png (folder datasets) or pairs.png (pair CSVs);
@@ -451,12 +406,13 @@ def evaluate_models(dataset: str | Path, models: Sequence[str], config: EvalConf
     if not source.exists():
         raise DataError(f"no such dataset: {source} (expected a folder-per-class tree or a pair CSV)")
     if source.is_file():
-        data: Any = read_pair_csv(source)
+        data: Any = read_pairs(source)
         runner = _evaluate_pairs
     else:
         data = _load_classes(source, config.max_per_class, config.seed)
         runner = _evaluate_classes
-    results = [runner(data, str(model), config, progress) for model in models]
+    results = [runner(data, str(model), config, _model_progress(progress, n, len(models)))
+               for n, model in enumerate(models)]
     if out_dir is None:
         return [report for report, _ in results]
     return _write_outputs(results, config, Path(out_dir))

@@ -14,41 +14,25 @@ import contextlib
 import json
 import logging
 import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from db.store import MetadataStore, StoreError
 from engine.atomic import write_atomic
 from engine.config import IndexConfig, LibraryPaths, default_home
-from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelMismatchError
+from engine.errors import CorruptFileError, IndexMissingError, LockError, ModelError, ModelMismatchError
+from engine.faults import fault_armed, fault_point
+from engine.index import VectorIndex
+
+if TYPE_CHECKING:  # torch: imported only by the methods that build an encoder
+    from engine.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
-_fault_hits: dict[str, int] = {}
-
-
-def fault_point(name: str) -> None:
-    """A crash-test hook at the points where a crash matters (``batch-embedded``, ``commit``,
-    ``batch-committed``, ``index-replaced``). Does nothing unless the environment asks:
-    ENGINE_FAULT=NAME:N kills this process with SIGKILL (exactly as ``kill -9``) the Nth time NAME
-    is reached; ENGINE_FAULT_DELAY=SECONDS sleeps at every ``batch-committed`` (to widen the window
-    in which another process can watch an ingest)."""
-    delay = os.environ.get("ENGINE_FAULT_DELAY")
-    if delay and name == "batch-committed":
-        time.sleep(float(delay))
-    spec = os.environ.get("ENGINE_FAULT")
-    if not spec:
-        return
-    target, _, nth = spec.partition(":")
-    if target != name:
-        return
-    _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    if _fault_hits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+DATABASE_URL_ENV = "ENGINE_DATABASE_URL"  # read here only, so the library honours it without the CLI
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,38 +73,35 @@ class ModelInfo:
 
 
 class Library:
-    """Open a library in ``home`` (created on first write). ``database_url`` overrides the default
-    SQLite file with any SQLAlchemy URL."""
+    """Open a library in ``home`` (default: ``$ENGINE_HOME``, see ``default_home``), created on first
+    write. ``database_url`` overrides the default SQLite file with any SQLAlchemy URL; without one,
+    ``$ENGINE_DATABASE_URL`` is used when set."""
 
     def __init__(self, home: str | os.PathLike | None = None, *, device: str = "auto",
                  database_url: str | None = None):
         self.paths = LibraryPaths(Path(home) if home else default_home())
         self.device = device
-        self.database_url = database_url or os.environ.get("ENGINE_DATABASE_URL")
-        self._store = None
-        self._encoder = None
+        self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
+        self._store: MetadataStore | None = None
+        self._encoder: Encoder | None = None
         self._lock_depth = 0
 
     # -- parts ---------------------------------------------------------------------------------
     @property
-    def store(self):
+    def store(self) -> MetadataStore:
         """The MetadataStore, opened on first use (creating the home folder).
 
         A damaged database raises CorruptFileError naming the file, both here and from any later
         read; it is never overwritten."""
         if self._store is None:
-            from db.store import MetadataStore, StoreError
-
             self.paths.home.mkdir(parents=True, exist_ok=True)
             url = self.database_url or f"sqlite:///{self.paths.database}"
             try:
                 store = MetadataStore(url, on_corrupt=self._corrupt_database)
             except StoreError as exc:
                 raise CorruptFileError(f"{exc} (`engine doctor` checks the whole library)") from None
-            if os.environ.get("ENGINE_FAULT", "").startswith("commit:"):
-                from sqlalchemy import event
-
-                event.listen(store.engine, "commit", lambda _conn: fault_point("commit"))
+            if fault_armed("commit"):  # a listener on every commit only when a crash test asks
+                store.on_commit(lambda: fault_point("commit"))
             self._store = store
         return self._store
 
@@ -146,11 +127,10 @@ class Library:
     def index_config(self) -> IndexConfig:
         return IndexConfig(factory=self.store.get_meta("index_factory", "Flat"))
 
-    def encoder(self):
-        """The library's encoder, rebuilt from the checkpoint saved in its home."""
+    def encoder(self) -> Encoder:
+        """The library's encoder, rebuilt from the checkpoint saved in its home (once, then kept)."""
         if self._encoder is None:
             from engine.encoder import load_checkpoint, resolve_device
-            from engine.errors import ModelError
 
             info = self.model_info()
             if info is None:
@@ -168,11 +148,17 @@ class Library:
             self._encoder = encoder
         return self._encoder
 
+    def forget_encoder(self) -> None:
+        """Drop the encoder kept by ``encoder()``, so the next call reads the file in the home again
+        (after something replaced that file)."""
+        self._encoder = None
+
     def set_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None,
-                  index_factory: str | None = None):
+                  index_factory: str | None = None) -> Encoder:
         """Give a new library its encoder (``pretrained`` or a checkpoint path), saved into its home.
         Returns the encoder. Does not touch existing vectors: ``reindex`` does that."""
-        from engine.encoder import load_encoder, resolve_device, save_checkpoint
+        from engine.checkpoint import save_checkpoint
+        from engine.encoder import load_encoder, resolve_device
 
         encoder = load_encoder(spec, resolve_device(self.device), backbone=backbone, weights=weights)
         self.paths.home.mkdir(parents=True, exist_ok=True)
@@ -187,7 +173,7 @@ class Library:
         self._encoder = encoder
         return encoder
 
-    def ensure_model(self, spec: str | None = None, **kwargs):
+    def ensure_model(self, spec: str | None = None, **kwargs: Any) -> Encoder:
         """The library's encoder; set it from ``spec`` when the library is new. A ``spec`` that names
         a different encoder from the remembered one is refused."""
         info = self.model_info()
@@ -220,25 +206,33 @@ class Library:
         except (OSError, ValueError):
             return {}
 
-    def open_index(self, *, required: bool = True):
+    def index_is_current(self, index: VectorIndex) -> bool:
+        """True when the state file beside the index records the database's current generation and
+        ``index``'s size: the index file was saved after the last database write."""
+        state = self._read_state()
+        return state.get("generation") == self.store.generation() and state.get("ntotal") == index.ntotal
+
+    def read_index(self) -> VectorIndex:
+        """The index file as it is on disk, not reconciled. Raises CorruptFileError when it is
+        unreadable (a missing file included)."""
+        return VectorIndex.load(self.paths.index, self.index_config().factory)
+
+    def open_index(self, *, required: bool = True) -> VectorIndex | None:
         """The index, reconciled with the database when its recorded generation is stale.
 
-        required=True raises IndexMissingError for a library with nothing in it."""
-        from engine.index import VectorIndex
-
+        required=True raises IndexMissingError for a library with nothing in it (and never
+        returns None)."""
         info = self.model_info()
         if info is None:
             if required:
                 raise IndexMissingError(f"no index in {self.paths.home} yet; run `engine ingest PATH` first")
             return None
-        factory = self.index_config().factory
         if self.paths.index.exists():
-            index = VectorIndex.load(self.paths.index, factory)
+            index = self.read_index()
             if index.dim != info.dim:
                 raise CorruptFileError(f"index file {self.paths.index} has dimension {index.dim}, the library's "
                                        f"encoder {info.dim}; run `engine doctor --repair`")
-            state = self._read_state()
-            if state.get("generation") != self.store.generation() or state.get("ntotal") != index.ntotal:
+            if not self.index_is_current(index):
                 self.reconcile(index)
         else:
             generation = self.store.generation()
@@ -253,20 +247,19 @@ class Library:
             raise IndexMissingError(f"the library in {self.paths.home} is empty; run `engine ingest PATH` first")
         return index
 
-    def reconcile(self, index) -> tuple[int, int]:
-        """Bring ``index`` in line with the stored embeddings by id; returns (added, removed)."""
+    def reconcile(self, index: VectorIndex) -> tuple[int, int]:
+        """Bring ``index`` in line with the stored embeddings by id, in place; returns (added,
+        removed). An index type that cannot remove is rebuilt instead when it holds extra ids."""
         info = self.model_info()
         stored = self.store.embedding_ids()
         held = index.ids()
         missing = np.setdiff1d(stored, held, assume_unique=True)
         extra = np.setdiff1d(held, stored, assume_unique=True)
         if len(extra):
-            try:
-                index.remove(extra)
-            except RuntimeError:  # index types without removal (HNSW): rebuild instead
-                rebuilt = self.rebuild_index(save=False)
-                index._index, index.factory = rebuilt._index, rebuilt.factory
+            if not index.supports_removal:
+                index.replace_with(self.rebuild_index(save=False))
                 return len(stored), len(extra)
+            index.remove(extra)
         for start in range(0, len(missing), 20000):
             ids, vectors = self.store.get_embeddings(missing[start:start + 20000], info.dim)
             if not index.is_trained:
@@ -276,10 +269,9 @@ class Library:
             log.info("index reconciled with the database: %d added, %d removed", len(missing), len(extra))
         return len(missing), len(extra)
 
-    def rebuild_index(self, factory: str | None = None, *, save: bool = True):
-        """A fresh index from stored embeddings alone (no image is decoded)."""
-        from engine.index import VectorIndex
-
+    def rebuild_index(self, factory: str | None = None, *, save: bool = True) -> VectorIndex:
+        """A fresh index from stored embeddings alone (no image is decoded). Raises EngineError when
+        an IVF/PQ type cannot be trained on the vectors there are."""
         info = self.model_info()
         if info is None:
             raise IndexMissingError(f"no library in {self.paths.home} yet")
@@ -287,22 +279,19 @@ class Library:
         generation = self.store.generation()  # taken first: the index holds at least this much
         index = VectorIndex.build(info.dim, factory)
         if not index.is_trained:
-            sample = [v for _, v in self.store.iter_embeddings(info.dim, batch=100000)][:1]
-            if not sample or len(sample[0]) == 0:
+            # the first 100k stored vectors train the quantiser; only that slice is read for it
+            first = next(self.store.iter_embeddings(info.dim, batch=100000), None)
+            if first is None or len(first[1]) == 0:
                 index = VectorIndex.build(info.dim, "Flat")  # nothing to train on yet
             else:
-                try:
-                    index.train(sample[0])
-                except RuntimeError as exc:
-                    raise EngineError(f"cannot train index {factory!r} on {len(sample[0])} vectors: "
-                                      f"{str(exc).splitlines()[0]}") from None
+                index.train(first[1])
         for ids, vectors in self.store.iter_embeddings(info.dim):
             index.add(vectors, ids)
         if save:
             self.save_index(index, generation=generation)
         return index
 
-    def save_index(self, index, *, generation: int | None = None) -> None:
+    def save_index(self, index: VectorIndex, *, generation: int | None = None) -> None:
         """Save the index, then record the database generation it reflects (both atomically).
 
         generation: the one the index reflects when it was built from an earlier read (default: the

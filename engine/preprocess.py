@@ -2,8 +2,8 @@
 
 ``open_image`` decodes any file Pillow reads into an RGB image (EXIF orientation applied, alpha
 composited onto white, 16-bit and CMYK scaled to 8-bit RGB, large JPEGs reduced at decode time);
-``build_transform`` turns an encoder's timm data config into the tensor transform. ``preprocess``
-is the two together.
+``build_transform`` turns an encoder's timm data config into the tensor transform;
+``engine.loader`` applies the two to files in batches.
 """
 
 from __future__ import annotations
@@ -188,8 +188,3 @@ def build_transform(data_config: Mapping[str, Any], *, train: bool = False) -> C
     if train:
         return create_transform(**cfg, is_training=True, color_jitter=0.3, hflip=0.5, scale=(0.5, 1.0))
     return create_transform(**cfg, is_training=False)
-
-
-def preprocess(source: Source, transform: Callable[[Image.Image], Any], *, draft_size: int | None = None):
-    """Decode and transform one image: returns a float32 tensor [3, H, W]."""
-    return transform(load_image(source, draft_size=draft_size))

@@ -1,15 +1,26 @@
-"""Queries against a library, and pair comparison."""
+"""Queries against a library, and pair comparison.
+
+engine.embedding (and with it torch) is imported only where a query image has to be decoded:
+querying files that are already indexed needs the stored vectors and the index, not the model.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from engine.errors import EngineError, ImageError
+from engine.errors import EngineError, ImageError, IndexMissingError
+from engine.files import find_images
+from engine.preprocess import image_suffixes
+
+if TYPE_CHECKING:
+    from db.store import ImageRecord
+    from engine.encoder import Encoder
+    from engine.library import Library
 
 
 def score_to_distance(score: float) -> float:
@@ -19,14 +30,15 @@ def score_to_distance(score: float) -> float:
 
 @dataclass(frozen=True)
 class Hit:
-    """One neighbour: rank from 1, its row id, path, cosine score and L2 distance, and its record."""
+    """One neighbour: rank from 1, its row id, path, cosine score and L2 distance, its database
+    record, and (when a threshold was given) whether the distance counts as similar."""
 
     rank: int
     id: int
     path: str
     score: float
     distance: float
-    record: Any
+    record: ImageRecord
     similar: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -34,10 +46,9 @@ class Hit:
                "distance": round(self.distance, 6)}
         if self.similar is not None:
             out["similar"] = self.similar
-        if self.record is not None:
-            rec = self.record.to_dict()
-            for key in ("width", "height", "format", "bytes", "taken_at", "camera"):
-                out[key] = rec[key]
+        rec = self.record.to_dict()
+        for key in ("width", "height", "format", "bytes", "taken_at", "camera"):
+            out[key] = rec[key]
         return out
 
 
@@ -56,8 +67,9 @@ class QueryResult:
         return out
 
 
-def _stored_vectors(library, paths: Sequence[str], dim: int) -> dict[str, np.ndarray]:
-    """Vectors of query paths that are already indexed and unchanged on disk (no decode needed)."""
+def _stored_vectors(library: Library, paths: Sequence[str], dim: int) -> dict[str, np.ndarray]:
+    """Vectors (float32 [D] each) of query paths that are already indexed and unchanged on disk
+    (no decode needed), by path."""
     known = library.store.lookup_paths(paths)
     ids: dict[int, list[str]] = {}
     for path, state in known.items():
@@ -73,12 +85,15 @@ def _stored_vectors(library, paths: Sequence[str], dim: int) -> dict[str, np.nda
     return {p: v for i, v in zip(got_ids, vectors) for p in ids[int(i)]}
 
 
-def embed_queries(library, paths: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+def embed_queries(library: Library, paths: Sequence[str], *,
+                  batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
     """Query vectors float32 [Q, D] in the order of ``paths`` (a zero row where decoding failed),
     and per query the error text or None. Indexed, unchanged files reuse their stored vector."""
     from engine.embedding import embed_files
 
     info = library.model_info()
+    if info is None:
+        raise IndexMissingError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
     dim = info.dim
     stored = _stored_vectors(library, paths, dim)
     todo = [p for p in paths if p not in stored]
@@ -100,18 +115,31 @@ def embed_queries(library, paths: Sequence[str], *, batch_size: int = 32) -> tup
     return vectors, errors
 
 
-def search_library(library, images: Sequence[str], k: int = 10, *, threshold: float | None = None,
-                   batch_size: int = 32) -> list[QueryResult]:
-    """Rank the library's images by similarity to each of ``images``.
+def search_library(library: Library, images: Sequence[str | os.PathLike], k: int = 10, *,
+                   threshold: float | None = None, batch_size: int = 32) -> list[QueryResult]:
+    """Rank the library's images by similarity to each query image.
 
-    Returns one QueryResult per image, in order; an unreadable query carries its error instead of
-    hits. With ``threshold`` (an L2 distance), each hit says whether it counts as similar.
-    Raises IndexMissingError when nothing is indexed.
+    images: files or folders; folders are walked exactly as ingest walks them
+    (engine.files.find_images: image suffixes, hidden entries skipped). Returns one QueryResult per
+    query image, in walk order, after one per given path that does not exist; an unreadable or
+    missing query carries its error instead of hits. With ``threshold`` (an L2 distance), each hit
+    says whether it counts as similar.
+
+    Raises IndexMissingError when nothing is indexed (without creating the library folder),
+    EngineError when ``k`` < 1 or the given folders hold no image at all.
     """
     if k < 1:
         raise EngineError("-k must be at least 1")
+    if not library.exists():
+        raise IndexMissingError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
+    found = find_images(images, image_suffixes())
+    missing = [QueryResult(path, error=reason) for path, reason in found.missing]
+    if not found.files and not missing:
+        raise EngineError("no image files under " + ", ".join(os.fspath(p) for p in images))
+    if not found.files:
+        return missing
     index = library.open_index()
-    paths = [os.path.abspath(os.fspath(p)) for p in images]
+    paths = found.files
     vectors, errors = embed_queries(library, paths, batch_size=batch_size)
     ok = [i for i, e in enumerate(errors) if e is None]
     results: list[QueryResult | None] = [None] * len(paths)
@@ -131,7 +159,7 @@ def search_library(library, images: Sequence[str], k: int = 10, *, threshold: fl
                 hits.append(Hit(len(hits) + 1, int(image_id), record.path, float(score), dist, record,
                                 None if threshold is None else dist <= threshold))
             results[i] = QueryResult(paths[i], hits)
-    return [r for r in results if r is not None]
+    return missing + [r for r in results if r is not None]
 
 
 @dataclass(frozen=True)
@@ -149,11 +177,10 @@ class Comparison:
                 "verdict": "similar" if self.similar else "different"}
 
 
-def compare_images(encoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
+def compare_images(encoder: Encoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
     """Embed ``a`` and ``b`` with ``encoder`` and judge them by ``threshold`` (default: the
     encoder's calibrated one, else the pretrained default). Raises ImageError for an unreadable file."""
     from engine.embedding import embed_files
-    from engine.encoder import DEFAULT_THRESHOLD
 
     done = embed_files(encoder, [a, b], workers=0)
     if done.failures:
@@ -162,5 +189,5 @@ def compare_images(encoder, a: str, b: str, *, threshold: float | None = None) -
     va, vb = done.embeddings
     distance = float(np.sqrt(max(0.0, float(np.sum((va - vb) ** 2)))))
     if threshold is None:
-        threshold = encoder.threshold if encoder.threshold is not None else DEFAULT_THRESHOLD
+        threshold = encoder.decision_threshold
     return Comparison(a, b, distance, float(threshold), distance <= threshold)

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from engine.plots import plot_contact_sheet
 from engine.query import QueryResult, search_library
 from ingest.pipeline import IngestConfig, IngestReport, ingest_paths
+
+if TYPE_CHECKING:
+    from engine.library import Library
+    from engine.progress import ProgressFn
 
 SAMPLE = Path(__file__).resolve().parent.parent / "engine" / "sample"
 
 
 @dataclass(frozen=True)
 class DemoResult:
+    """home: the library folder; indexed: images it holds; report: the sample's ingest; queries: the
+    held-out photos' results; same_class of total_hits were of the query's class; sheet: the PNG."""
+
     home: str
     indexed: int
     report: IngestReport
@@ -27,15 +36,13 @@ def _class_of(path: str) -> str:
     return p.stem if p.parent.name == "query" else p.parent.name
 
 
-def run_demo(library, *, k: int = 8, out_dir: str | None = None, progress=None) -> DemoResult:
+def run_demo(library: Library, *, k: int = 8, out_dir: str | None = None,
+             progress: ProgressFn | None = None) -> DemoResult:
     """Ingest ``engine/sample/library`` (10 Caltech-101 classes x 8 photos), query the held-out
     photos in ``engine/sample/query``, and draw the first query's hits as a contact sheet PNG."""
-    from engine.plots import plot_contact_sheet
-
     report = ingest_paths(library, [SAMPLE / "library"], IngestConfig(workers=0), model="pretrained",
                           progress=progress)
-    queries = sorted(str(p) for p in (SAMPLE / "query").glob("*.jpg"))
-    results = search_library(library, queries, k)
+    results = search_library(library, [SAMPLE / "query"], k)
     same = sum(_class_of(h.path) == _class_of(r.query) for r in results for h in r.hits)
     total = sum(len(r.hits) for r in results)
     out = Path(out_dir) if out_dir else library.paths.home

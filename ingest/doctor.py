@@ -21,11 +21,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from engine.errors import CorruptFileError, EngineError
+from engine.checkpoint import save_checkpoint
+from engine.encoder import Encoder, load_checkpoint, load_encoder
+from engine.errors import CorruptFileError, EngineError, ModelError
+from engine.index import VectorIndex
+from engine.library import Library, ModelInfo, stale_temp_files
+from engine.loader import ImageFileDataset, decode_batches
+from engine.preprocess import build_transform, draft_size_for
+from ingest.pipeline import IngestConfig, ingest_paths
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +141,7 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _examples(items) -> list[str]:
+def _examples(items: Iterable[Any]) -> list[str]:
     return [str(x) for x in list(items)[:_EXAMPLES]]
 
 
@@ -142,8 +149,8 @@ def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
 
 
-def check_library(library, *, repair: bool = False, on_wait: Callable[[], None] | None = None,
-                  config=None) -> DoctorReport:
+def check_library(library: Library, *, repair: bool = False, on_wait: Callable[[], None] | None = None,
+                  config: IngestConfig | None = None) -> DoctorReport:
     """Check ``library``; with repair=True fix what can be fixed (under its write lock) and check
     again. Never raises for a damaged file: each one is a finding. config: the IngestConfig used to
     re-embed and re-ingest (default: small batches, decoding in-process)."""
@@ -173,7 +180,7 @@ def check_library(library, *, repair: bool = False, on_wait: Callable[[], None] 
 
 
 # -- inspection ----------------------------------------------------------------------------------
-def _inspect(library, findings: list[Finding], facts: dict[str, Any]) -> _State:
+def _inspect(library: Library, findings: list[Finding], facts: dict[str, Any]) -> _State:
     state = _State()
     try:
         store = library.store
@@ -196,7 +203,7 @@ def _inspect(library, findings: list[Finding], facts: dict[str, Any]) -> _State:
         image_ids, embedding_ids = _check_rows(library, info, state, findings)
         _check_files(library, state, findings)
         _check_index(library, info, embedding_ids, state, findings, facts)
-        state.temp_files = _stale_temp_files(library)
+        state.temp_files = stale_temp_files(library.paths.home)
         if state.temp_files:
             findings.append(Finding("temp-files", f"{_n(len(state.temp_files), 'temporary index file')} left by "
                                     "an interrupted save (never read; deleted by the next save)", severity=NOTE,
@@ -207,16 +214,7 @@ def _inspect(library, findings: list[Finding], facts: dict[str, Any]) -> _State:
     return state
 
 
-def _stale_temp_files(library) -> list[Path]:
-    from engine.library import stale_temp_files
-
-    return stale_temp_files(library.paths.home)
-
-
-def _check_encoder(library, info, state: _State, findings: list[Finding]) -> None:
-    from engine.encoder import load_checkpoint
-    from engine.errors import ModelError
-
+def _check_encoder(library: Library, info: ModelInfo, state: _State, findings: list[Finding]) -> None:
     path = library.paths.encoder
     hint = (f"`engine doctor --repair` restores it from {info.spec} if that still matches, "
             f"else `engine reindex --model MODEL` re-embeds the library")
@@ -236,21 +234,18 @@ def _check_encoder(library, info, state: _State, findings: list[Finding]) -> Non
                                 f"vectors were made by {info.identity} ({info.spec}); {hint}"))
 
 
-def _check_rows(library, info, state: _State, findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
-    from sqlalchemy import func, select
-
-    from db.models import Embedding
-
+def _check_rows(library: Library, info: ModelInfo, state: _State,
+                findings: list[Finding]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows against stored vectors. Returns (image ids, ids of well-formed stored vectors that
+    belong to an image), both int64 ascending."""
     store = library.store
     image_ids = store.image_ids()
     embedding_ids = store.embedding_ids()
     without = np.setdiff1d(image_ids, embedding_ids, assume_unique=True)
     orphans = np.setdiff1d(embedding_ids, image_ids, assume_unique=True)
-    with store.engine.connect() as conn:
-        bad = conn.scalars(select(Embedding.image_id)
-                           .where(func.length(Embedding.vector) != info.dim * 4)).all()
+    bad = store.malformed_embedding_ids(info.dim)
     state.orphan_vectors = [int(i) for i in orphans]
-    state.bad_vectors = [int(i) for i in bad]
+    state.bad_vectors = bad
     if len(without):
         findings.append(Finding("rows-without-vectors", f"{_n(len(without), 'image')} without a stored vector (not "
                                 "searchable); repair re-embeds them from their files", count=len(without),
@@ -268,20 +263,9 @@ def _check_rows(library, info, state: _State, findings: list[Finding]) -> tuple[
     return image_ids, usable
 
 
-def _known_files(store) -> list[tuple[str, int, float]]:
-    from sqlalchemy import select
-
-    from db.models import Alias, Image
-
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(Image.path, Image.bytes, Image.mtime)).all()
-        rows += conn.execute(select(Alias.path, Alias.bytes, Alias.mtime)).all()
-    return [(r.path, r.bytes, r.mtime) for r in rows]
-
-
-def _check_files(library, state: _State, findings: list[Finding]) -> None:
+def _check_files(library: Library, state: _State, findings: list[Finding]) -> None:
     unreachable: list[str] = []
-    for path, size, mtime in _known_files(library.store):
+    for path, size, mtime in library.store.file_stats():
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -306,10 +290,9 @@ def _check_files(library, state: _State, findings: list[Finding]) -> None:
                                 examples=_examples(unreachable)))
 
 
-def _check_index(library, info, embedding_ids: np.ndarray, state: _State, findings: list[Finding],
-                 facts: dict[str, Any]) -> None:
-    from engine.index import VectorIndex
-
+def _check_index(library: Library, info: ModelInfo, embedding_ids: np.ndarray, state: _State,
+                 findings: list[Finding], facts: dict[str, Any]) -> None:
+    """The index file against the stored embeddings (``embedding_ids``: int64, ascending)."""
     paths = library.paths
     if not paths.index.exists():
         facts["vectors"] = 0
@@ -318,7 +301,7 @@ def _check_index(library, info, embedding_ids: np.ndarray, state: _State, findin
                                     "stored embeddings on the next open (or by repair)", severity=NOTE))
         return
     try:
-        index = VectorIndex.load(paths.index, library.index_config().factory)
+        index = library.read_index()
     except CorruptFileError as exc:
         state.index_bad = True
         facts["vectors"] = None
@@ -337,8 +320,7 @@ def _check_index(library, info, embedding_ids: np.ndarray, state: _State, findin
         findings.append(Finding("index-duplicates", f"index file {paths.index} holds {len(held) - len(unique_held)} "
                                 "duplicate ids; repair rebuilds it from the stored embeddings"))
         return
-    recorded = library._read_state()
-    current = recorded.get("generation") == library.store.generation() and recorded.get("ntotal") == index.ntotal
+    current = library.index_is_current(index)
     severity = PROBLEM if current else NOTE
     later = "" if current else " (the index file predates the last database write; this is reconciled on the next open)"
     extra = np.setdiff1d(unique_held, embedding_ids, assume_unique=True)
@@ -361,25 +343,18 @@ def _check_index(library, info, embedding_ids: np.ndarray, state: _State, findin
                                 count=len(differ), examples=[f"id {i}" for i in differ[:_EXAMPLES]]))
 
 
-def _differing_vectors(library, index, dim: int, ids: np.ndarray, chunk: int = 4096) -> list[int]:
-    """Ids whose indexed vector is not the stored one. Exact (Flat) indexes only: the others store
-    vectors lossily, so they cannot be compared."""
-    import faiss
-
-    raw = index._index
-    try:
-        inner = faiss.downcast_index(raw.index)
-    except Exception:
-        return []
-    if not isinstance(inner, faiss.IndexFlat) or not len(ids):
+def _differing_vectors(library: Library, index: VectorIndex, dim: int, ids: np.ndarray,
+                       chunk: int = 4096) -> list[int]:
+    """Ids (of ``ids``, int64, all held by ``index``) whose indexed vector is not the stored one.
+    Exact (Flat) indexes only: the others store vectors lossily, so they cannot be compared."""
+    if not index.is_exact or not len(ids):
         return []
     differ: list[int] = []
     for start in range(0, len(ids), chunk):
         got_ids, stored = library.store.get_embeddings(ids[start:start + chunk], dim)
         if not len(got_ids):
             continue
-        held = np.vstack([raw.reconstruct(int(i)) for i in got_ids]) if len(got_ids) < 64 \
-            else raw.reconstruct_batch(np.ascontiguousarray(got_ids, np.int64))
+        held = index.reconstruct(got_ids)
         bad = np.abs(held - stored).max(axis=1) > 1e-5
         differ.extend(int(i) for i in got_ids[bad])
     return differ
@@ -397,11 +372,9 @@ def _move_aside(path: Path, tag: str) -> Path:
     return target
 
 
-def _original_encoder(library, info):
+def _original_encoder(info: ModelInfo) -> Encoder | None:
     """The encoder the stored vectors were made with, rebuilt from the model the library
     remembers, or None when that is gone or no longer the same."""
-    from engine.encoder import load_encoder
-
     if info.spec != "pretrained" and not os.path.exists(info.spec):
         return None
     try:
@@ -412,23 +385,20 @@ def _original_encoder(library, info):
     return encoder if encoder.identity() == info.identity else None
 
 
-def _repair(library, state: _State, report: DoctorReport, config) -> None:
-    from engine.encoder import save_checkpoint
-    from ingest.pipeline import IngestConfig
-
+def _repair(library: Library, state: _State, report: DoctorReport, config: IngestConfig | None) -> None:
     config = config or IngestConfig(batch_size=16, workers=0)
     paths, store, info = library.paths, library.store, library.model_info()
     actions = report.actions
 
     encoder_ok = not state.encoder_bad
     if state.encoder_bad:
-        encoder = _original_encoder(library, info)
+        encoder = _original_encoder(info)
         if encoder is not None:
             note = ""
             if paths.encoder.exists():
                 note = f" (the old one moved aside to {_move_aside(paths.encoder, 'mismatch').name})"
             save_checkpoint(encoder, paths.encoder)
-            library._encoder = None
+            library.forget_encoder()
             encoder_ok = True
             actions.append(f"restored the encoder file {paths.encoder} from {info.spec}{note}")
 
@@ -466,15 +436,13 @@ def _repair(library, state: _State, report: DoctorReport, config) -> None:
         else:
             actions.append(f"could not re-embed {_n(len(without), 'image')}: the library's encoder is not available")
 
-    known = {p for p, _, _ in _known_files(store)}
+    known = {p for p, _, _ in store.file_stats()}
     reingest += [p for p in state.changed_paths if p in known and p not in reingest]
 
     _repair_index(library, state, actions, rebuilt=index_aside is not None, stale_ids=reembedded)
 
     if reingest:
         if encoder_ok:
-            from ingest.pipeline import ingest_paths
-
             try:
                 done = ingest_paths(library, reingest, config)
             except EngineError as exc:
@@ -487,31 +455,29 @@ def _repair(library, state: _State, report: DoctorReport, config) -> None:
             actions.append(f"could not re-ingest {_n(len(reingest), 'changed file')}: the library's encoder is not "
                            "available")
 
-    for stale in _stale_temp_files(library):
+    for stale in stale_temp_files(paths.home):
         with contextlib.suppress(OSError):
             stale.unlink()
     if state.temp_files:
         actions.append(f"deleted {_n(len(state.temp_files), 'temporary index file')} left by an interrupted save")
 
 
-def _repair_index(library, state: _State, actions: list[str], *, rebuilt: bool, stale_ids: list[int]) -> None:
+def _repair_index(library: Library, state: _State, actions: list[str], *, rebuilt: bool,
+                  stale_ids: list[int]) -> None:
     """Rebuild the index, or bring it in line by id; ``stale_ids`` got new stored vectors, so their
     indexed ones are replaced."""
-    from engine.index import VectorIndex
-
     paths = library.paths
     if rebuilt or state.index_rebuild or not paths.index.exists():
         index = library.rebuild_index()
         actions.append(f"rebuilt the index from {_n(index.ntotal, 'stored embedding')}")
         return
-    index = VectorIndex.load(paths.index, library.index_config().factory)
+    index = library.read_index()
     if stale_ids:
-        try:
-            index.remove(stale_ids)
-        except RuntimeError:  # index types without removal: rebuild instead
+        if not index.supports_removal:  # the old vectors cannot be taken out: rebuild instead
             index = library.rebuild_index()
             actions.append(f"rebuilt the index from {_n(index.ntotal, 'stored embedding')}")
             return
+        index.remove(stale_ids)
     added, removed = library.reconcile(index)
     library.save_index(index)
     if added or removed:
@@ -519,13 +485,11 @@ def _repair_index(library, state: _State, actions: list[str], *, rebuilt: bool, 
                        f"{removed} removed")
 
 
-def _reembed(library, ids: list[int], config, reingest: list[str], reembedded: list[int]) -> tuple[int, int]:
+def _reembed(library: Library, ids: list[int], config: IngestConfig, reingest: list[str],
+             reembedded: list[int]) -> tuple[int, int]:
     """Give rows without a vector one again from their file, when the file still holds the content
     the row describes; other rows are dropped and their paths queued for re-ingest.
     Returns (re-embedded, dropped)."""
-    from engine.loader import ImageFileDataset, decode_batches
-    from engine.preprocess import build_transform, draft_size_for
-
     store = library.store
     encoder = library.encoder()
     records = store.get_images(ids)

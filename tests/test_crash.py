@@ -27,7 +27,7 @@ from tests.util import make_image
 
 SEED = 5
 # (fault point, which occurrence is fatal); "outside" is `kill -9` from this process at a random
-# moment of the batch after the first commit of the run. See engine.library.fault_point.
+# moment of the batch after the first commit of the run. See engine.faults.fault_point.
 rng = random.Random(SEED)
 FAULTS = [
     ("batch-committed", rng.randint(1, 3)),  # a batch committed, the index not yet updated

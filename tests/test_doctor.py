@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
 
-from db.models import Embedding
 from engine.cli import main
 from engine.embedding import embed_files
 from engine.index import VectorIndex
@@ -122,9 +122,9 @@ def test_every_inconsistency_is_found_and_repaired(library, tmp_path, tiny_model
     ids = {rec.path: rec.id for rec in store.get_images(store.image_ids()).values()}
     # rows without vectors: two lost their stored embedding
     store.delete_embeddings([ids[str(paths[0])], ids[str(paths[1])]])
-    # a malformed stored vector
-    with store.engine.begin() as conn:
-        conn.execute(update(Embedding).where(Embedding.image_id == ids[str(paths[2])]).values(vector=b"\0" * 12))
+    # a malformed stored vector, written behind the store's back as outside damage would be
+    with contextlib.closing(sqlite3.connect(lib.paths.database)) as conn, conn:
+        conn.execute("UPDATE embeddings SET vector = ? WHERE image_id = ?", (b"\0" * 12, ids[str(paths[2])]))
     # a vector in the index with no row, recorded as up to date
     index = VectorIndex.load(lib.paths.index)
     index.add(np.eye(1, index.dim, dtype=np.float32), np.asarray([9999]))

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from engine.errors import DataError
-from engine.evaluate import EvalConfig, evaluate, evaluate_models, format_table, read_pair_csv
+from engine.evaluate import EvalConfig, evaluate, evaluate_models, format_table
+from engine.pairs import read_pairs
 
 CALTECH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "caltech101-dev"
 CLASSES = ("red", "green", "blue")
@@ -47,7 +48,8 @@ def checkpoint(tmp_path_factory):
     import torch
 
     from engine.config import EncoderConfig
-    from engine.encoder import build_encoder, save_checkpoint
+    from engine.checkpoint import save_checkpoint
+    from engine.encoder import build_encoder
 
     torch.manual_seed(0)
     enc = build_encoder(EncoderConfig(backbone="test_resnet", pretrained=False, image_size=64))
@@ -157,6 +159,26 @@ def test_two_models_side_by_side(tree, checkpoint, tmp_path):
     assert "ck.pt" in header and "other.pt" in header
 
 
+def test_report_dict_is_the_one_json_schema_and_progress_counts_all_models(tree, checkpoint, tmp_path):
+    other = tmp_path / "other.pt"
+    shutil.copy(checkpoint, other)
+    calls = []
+    reports = evaluate_models(tree, [str(checkpoint), str(other)], EvalConfig(**FAST), tmp_path / "out",
+                              progress=lambda done, total: calls.append((done, total)))
+    # One count over both models: 12 images each, never going backwards, ending at 24 of 24.
+    assert calls[-1] == (24, 24) and all(total == 24 for _, total in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["reports"]
+    for report, on_disk in zip(reports, saved):
+        as_dict = report.to_dict()
+        # Plain JSON values: dumping without a default hook must work and round-trip unchanged.
+        assert json.loads(json.dumps(as_dict)) == as_dict == on_disk
+        assert set(as_dict) == {"model", "name", "dataset", "kind", "protocol", "images", "classes", "metrics",
+                                "per_class", "failures", "encoder", "seconds", "files"}
+        assert as_dict["metrics"]["recall@1"] == report.metrics["recall@1"] and as_dict["images"] == 12
+        assert isinstance(as_dict["failures"], list)
+
+
 def test_pair_csv(tree, checkpoint, reference, tmp_path):
     emb, labels, paths = reference
     rows = [(0, 1, 1), (0, 4, 0), (4, 5, 1), (5, 9, 0), (8, 11, 1), (2, 10, 0), (3, 7, 0)]
@@ -179,14 +201,14 @@ def test_bad_pair_csv_lists_offending_lines(tree, tmp_path):
     good = (tree / "red" / "0.png").as_posix()
     csv_path.write_text(f"{good},{good},1\n{good},{good},2\n{good},missing.png,0\n{good},{good}\n{good},{good},0\n")
     with pytest.raises(DataError) as err:
-        read_pair_csv(csv_path)
+        read_pairs(csv_path)
     message = str(err.value)
     assert "3 bad rows" in message and "line 2" in message and "line 3" in message and "line 4" in message
     assert "missing.png" in message and "line 5" not in message and "\n" not in message
     empty = tmp_path / "empty.csv"
     empty.write_text("img_a,img_b,label\n")
     with pytest.raises(DataError):
-        read_pair_csv(empty)
+        read_pairs(empty)
 
 
 def test_bad_dataset_and_config(tmp_path):
@@ -206,7 +228,8 @@ def test_bad_dataset_and_config(tmp_path):
 @pytest.mark.skipif(not CALTECH.is_dir(), reason="caltech101-dev not present")
 def test_pretrained_beats_random_init_on_caltech(tmp_path):
     from engine.config import EncoderConfig
-    from engine.encoder import build_encoder, save_checkpoint
+    from engine.checkpoint import save_checkpoint
+    from engine.encoder import build_encoder
 
     random_init = save_checkpoint(build_encoder(EncoderConfig(pretrained=False)), tmp_path / "random.pt")
     start = time.perf_counter()

@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from engine.errors import ModelMismatchError
+from engine.errors import EngineError, IndexMissingError, ModelMismatchError
 from engine.library import Library
 from engine.query import search_library
 from ingest.pipeline import IngestConfig, ingest_paths, reindex_library, remove_paths
@@ -134,3 +134,43 @@ def test_index_behind_database_is_reconciled(setup):
     fresh = Library(lib.paths.home, device="cpu")
     assert fresh.open_index().ntotal == 7
     _index_matches_store(fresh)
+
+
+def test_report_carries_per_stage_seconds(setup):
+    lib, photos, ck = setup
+    calls = []
+    report = ingest_paths(lib, [photos], CFG, model=str(ck), progress=lambda done, total: calls.append((done, total)))
+    stages = report.to_dict()["stages"]
+    assert set(stages) == {"model", "walk", "plan", "decode", "embed", "commit", "index"}
+    assert all(isinstance(v, float) and v >= 0 for v in stages.values())
+    # Six images through a model and a database take measurable time in each of these stages.
+    assert all(stages[k] > 0 for k in ("model", "decode", "embed", "commit", "index"))
+    # The stages never overlap: together they fit in the wall time (rounding aside).
+    assert sum(stages.values()) <= report.seconds + 1e-3
+    assert 0 < report.to_dict()["embed_share"] <= 1
+    assert calls[0] == (0, 6) and calls[-1] == (6, 6)
+    again = ingest_paths(lib, [photos], CFG)
+    assert again.stages.embed == 0.0 and again.stages.decode == 0.0  # nothing changed: nothing decoded
+
+
+def test_search_walks_folders_like_ingest(setup, tmp_path):
+    lib, photos, ck = setup
+    ingest_paths(lib, [photos], CFG, model=str(ck))
+    (photos / ".hidden.png").write_bytes((photos / "img_000.png").read_bytes())
+    (photos / "notes.txt").write_text("not an image")
+    results = search_library(lib, [photos, tmp_path / "missing.png"], k=1)
+    assert [r.query for r in results] == [str(tmp_path / "missing.png")] + [str(photos / f"img_{i:03d}.png")
+                                                                            for i in range(6)]
+    assert "no such file" in results[0].error and results[0].hits == []
+    assert all(r.error is None and r.hits[0].path == r.query for r in results[1:])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EngineError, match="no image files"):
+        search_library(lib, [empty], k=1)
+
+
+def test_search_of_an_empty_home_creates_nothing(tmp_path):
+    lib = Library(tmp_path / "nowhere", device="cpu")
+    with pytest.raises(IndexMissingError, match="engine ingest"):
+        search_library(lib, [tmp_path], k=1)
+    assert not (tmp_path / "nowhere").exists()

@@ -46,3 +46,64 @@ def test_non_utf8_path_round_trips(tmp_path):
     ids = store.insert_rows([dict(_row(0), path=weird)])
     assert store.get_images(ids)[ids[0]].path == weird
     assert weird in store.lookup_paths([weird])
+
+
+def test_malformed_vectors_and_file_stats_for_doctor(tmp_path):
+    import contextlib
+    import sqlite3
+
+    store = MetadataStore.for_file(tmp_path / "l.db")
+    ids, _ = store.write_batch([_row(0), _row(1), _row(2)], np.zeros((3, 4), np.float32),
+                               aliases=[{"path": "/p/copy.jpg", "bytes": 10, "mtime": 9.0, "new_row": 0}])
+    assert store.malformed_embedding_ids(4) == []
+    assert store.malformed_embedding_ids(3) == ids  # every vector is the wrong size for 3-d
+    with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as conn, conn:  # damage from outside
+        conn.execute("UPDATE embeddings SET vector = ? WHERE image_id = ?", (b"\0" * 12, ids[1]))
+    assert store.malformed_embedding_ids(4) == [ids[1]]
+    assert sorted(store.file_stats()) == sorted([("/p/0.jpg", 10, 1.5), ("/p/1.jpg", 11, 2.5), ("/p/2.jpg", 12, 3.5),
+                                                 ("/p/copy.jpg", 10, 9.0)])
+
+
+def test_on_commit_runs_at_every_write_transaction(tmp_path):
+    store = MetadataStore.for_file(tmp_path / "l.db")
+    seen: list[str] = []
+    store.on_commit(lambda: seen.append("commit"))
+    store.write_batch([_row(0)], np.zeros((1, 2), np.float32))
+    store.set_meta("k", 1)
+    store.count()  # reads commit nothing
+    assert seen == ["commit", "commit"]
+
+
+def test_library_honours_engine_database_url_without_the_cli(tmp_path, monkeypatch):
+    from engine.library import Library
+
+    elsewhere = tmp_path / "elsewhere.db"
+    monkeypatch.setenv("ENGINE_DATABASE_URL", f"sqlite:///{elsewhere}")
+    lib = Library(tmp_path / "home")
+    lib.store.set_meta("k", 1)
+    assert elsewhere.exists() and not lib.paths.database.exists()
+    lib.close()
+    explicit = Library(tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'explicit.db'}")
+    assert explicit.store.where == str(tmp_path / "explicit.db")  # an explicit URL wins over the variable
+    explicit.close()
+
+
+def test_opening_a_new_database_while_another_process_creates_it(tmp_path, monkeypatch):
+    """The race of two processes opening one new library: this one checked for the tables before
+    the other created them, so its CREATE TABLE fails; it must open the database all the same."""
+    from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+
+    winner = MetadataStore.for_file(tmp_path / "l.db")
+    winner.write_batch([_row(0)], np.zeros((1, 2), np.float32))
+    real_has_table = SQLiteDialect.has_table
+    lied: set[str] = set()
+
+    def stale_has_table(self, connection, table_name, schema=None, **kw):
+        if table_name not in lied:  # the answer from before the winner's CREATE TABLE
+            lied.add(table_name)
+            return False
+        return real_has_table(self, connection, table_name, schema=schema, **kw)
+
+    monkeypatch.setattr(SQLiteDialect, "has_table", stale_has_table)
+    loser = MetadataStore.for_file(tmp_path / "l.db")
+    assert lied and loser.count() == 1 and loser.get_meta("schema_version") == 1

@@ -12,9 +12,13 @@ import torch
 from PIL import Image
 
 from engine.config import EncoderConfig
-from engine.encoder import build_encoder, load_checkpoint, save_checkpoint
-from engine.errors import DataError, EngineError
-from train.loop import (PRESETS, Tail, TrainConfig, _with_head, backbone_parts, resolve_preset, train)
+from engine.checkpoint import save_checkpoint
+from engine.encoder import build_encoder, load_checkpoint
+from engine.errors import DataError, EngineError, ModelError
+from train.backbone import Tail, backbone_parts
+from train.config import PRESETS, TrainConfig, resolve_preset
+from train.head import with_head
+from train.loop import train
 
 N_CLASSES, PER_CLASS = 8, 6
 
@@ -56,9 +60,18 @@ BASE = TrainConfig(backbone="test_efficientnet", pretrained=False, image_size=32
 def image_run(tree, tmp_path_factory):
     """Two epochs of image training (augmentation on, whole backbone learning after one frozen epoch)."""
     out = tmp_path_factory.mktemp("runs") / "image"
-    events: list[str] = []
-    result = train(tree, out, replace(BASE, freeze_epochs=1, plots=True), progress=lambda e, i: events.append(e))
-    return result, events
+    events: list[str] = []  # "phase" when a progress phase opens, "step" per step, "epoch_end" per record
+    records: list[dict] = []
+
+    def progress(done: int, total: int | None) -> None:
+        events.append("step" if done else "phase")
+
+    def on_epoch(record: dict) -> None:
+        events.append("epoch_end")
+        records.append(record)
+
+    result = train(tree, out, replace(BASE, freeze_epochs=1, plots=True), progress=progress, on_epoch=on_epoch)
+    return result, events, records
 
 
 def _lines(path: Path) -> list[dict]:
@@ -66,7 +79,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_run_folder_has_everything(image_run):
-    result, events = image_run
+    result, events, records = image_run
     out = result.out_dir
     for name in ("checkpoint.pt", "last.pt", "metrics.jsonl", "loss.png", "distances.png", "pairs.png"):
         assert (out / name).stat().st_size > 0, name
@@ -79,7 +92,8 @@ def test_run_folder_has_everything(image_run):
             assert r[key] is not None, key
         assert 0.0 <= r["active"] <= 1.0
     assert lines[1]["frozen_backbone"] is True and lines[2]["frozen_backbone"] is False
-    assert events.count("epoch") == 2 and events.count("step") >= 2 and events.count("epoch_end") == 3
+    assert events.count("phase") == 2 and events.count("step") >= 2 and events.count("epoch_end") == 3
+    assert records == lines  # on_epoch sees each record as metrics.jsonl has it
     # The best epoch is the best validation MAP@R, epoch 0 included.
     assert result.best_metrics["map@r"] == max(r["map@r"] for r in lines)
     assert result.select_metric == "map@r"
@@ -93,7 +107,7 @@ def test_checkpoint_loads_and_reproduces_the_best_validation(image_run, tree, tm
     from engine.metrics import retrieval_metrics
     from train.data import load_class_folder, split_classes
 
-    result, _ = image_run
+    result, _, _ = image_run
     encoder = load_checkpoint(result.checkpoint)
     assert encoder.threshold == pytest.approx(result.threshold)
     assert encoder.metadata["epoch"] == result.best_epoch
@@ -112,20 +126,20 @@ def test_resume_continues_the_same_run(tree, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_after_epoch_1(event, info):
-        if event == "epoch_end" and info["record"]["epoch"] == 1:
+    def crash_after_epoch_1(record):
+        if record["epoch"] == 1:
             raise Crash
 
     straight = train(tree, tmp_path / "straight", config)
     with pytest.raises(Crash):
-        train(tree, tmp_path / "resumed", config, progress=crash_after_epoch_1)
+        train(tree, tmp_path / "resumed", config, on_epoch=crash_after_epoch_1)
     with pytest.raises(EngineError, match="already holds a training run"):
         train(tree, tmp_path / "resumed", config)
     with pytest.raises(EngineError, match="different settings"):
         train(tree, tmp_path / "resumed", replace(config, lr=0.5), resume=True)
     resumed = train(tree, tmp_path / "resumed", config, resume=True)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for key, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][key]), key
@@ -136,16 +150,46 @@ def test_resume_continues_the_same_run(tree, tmp_path):
         train(tree, tmp_path / "never", config, resume=True)
 
 
+class RunsCode:
+    """Pickles as a call to ``exec``: unpickling it unsafely creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_resume_refuses_a_state_that_would_run_code(tree, tmp_path):
+    """Issue 9: a shared run folder must not run code on --resume; last.pt is read as plain data only."""
+    run, marker = tmp_path / "shared", tmp_path / "code-ran"
+    config = replace(BASE, train_stages=0, epochs=1, steps_per_epoch=1)
+    train(tree, run, config)
+    state = torch.load(run / "last.pt", weights_only=True)  # what training writes needs no code to read
+    state["history"].append(RunsCode(marker))
+    torch.save(state, run / "last.pt")
+    with pytest.raises(ModelError) as err:
+        train(tree, run, replace(config, epochs=2), resume=True)
+    message = str(err.value)
+    assert "refusing resume state" in message and "last.pt" in message and "exec" in message
+    assert "\n" not in message and "weights_only" not in message
+    assert not marker.exists()
+
+
 def test_resume_after_a_crash_inside_the_first_epoch(tree, tmp_path):
     config = replace(BASE, train_stages=0, epochs=2, steps_per_epoch=3)
 
-    def crash_at_first_step(event, info):
-        if event == "step":
+    epochs_seen: list[int] = []
+
+    def crash_at_first_step(done, total):
+        if epochs_seen and done:  # after epoch 0's record, the first finished step of epoch 1
             raise KeyboardInterrupt
 
     straight = train(tree, tmp_path / "straight", config)
     with pytest.raises(KeyboardInterrupt):
-        train(tree, tmp_path / "resumed", config, progress=crash_at_first_step)
+        train(tree, tmp_path / "resumed", config, progress=crash_at_first_step,
+              on_epoch=lambda record: epochs_seen.append(record["epoch"]))
+    assert epochs_seen == [0]
     resumed = train(tree, tmp_path / "resumed", config, resume=True)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     a = load_checkpoint(tmp_path / "straight" / "last.pt").state_dict()
@@ -208,7 +252,7 @@ def test_cached_last_stage_training_matches_the_full_encoder(tree, tmp_path):
 @pytest.mark.parametrize("backbone", ["test_efficientnet", "test_resnet"])
 def test_tail_over_cached_prefix_equals_the_encoder(backbone):
     torch.manual_seed(0)
-    encoder = _with_head(build_encoder(EncoderConfig(backbone, image_size=32, pretrained=False)), 12, "cpu")
+    encoder = with_head(build_encoder(EncoderConfig(backbone, image_size=32, pretrained=False)), 12, "cpu")
     torch.nn.init.normal_(encoder.head.weight)
     encoder.eval()
     parts = backbone_parts(encoder.backbone)

@@ -11,7 +11,7 @@ from PIL import Image
 from engine.errors import DataError
 from train.data import (ClassBatches, ImageBatch, PairBatches, PairBatchSampler, PKSampler, TrainImages,
                         batch_pairs, cap_per_class, class_groups, collate_slots, load_class_folder, load_data,
-                        load_pair_csv, similar_components, split_classes, split_pairs)
+                        load_pairs, similar_components, split_classes, split_pairs)
 
 
 def _image(path: Path, colour=(200, 30, 30), size=(12, 10)) -> Path:
@@ -80,32 +80,32 @@ def _pairs_csv(tmp_path: Path, rows: list[str], header: bool = True) -> Path:
 
 def test_pair_csv_loads_with_relative_paths(tmp_path):
     path = _pairs_csv(tmp_path, ["x/1.png,x/2.png,1", "y/1.png,y/2.png,1", "x/1.png,y/1.png,0", "z/1.png,x/2.png,0"])
-    data = load_pair_csv(path)
+    data = load_pairs(path)
     assert len(data) == 4 and len(data.images) == 5
     assert data.same.tolist() == [1, 1, 0, 0]
     assert data.images[data.a[0]] == str(tmp_path / "x" / "1.png")
     # Components of the similar pairs stand in for classes: {x1, x2}, {y1, y2}, {z1}.
     assert len(set(data.groups.tolist())) == 3
     assert data.groups[data.a[0]] == data.groups[data.b[0]] != data.groups[data.a[1]]
-    assert len(load_pair_csv(_pairs_csv(tmp_path, ["x/1.png,x/2.png,1", "x/1.png,y/1.png,0"], header=False))) == 2
+    assert len(load_pairs(_pairs_csv(tmp_path, ["x/1.png,x/2.png,1", "x/1.png,y/1.png,0"], header=False))) == 2
 
 
 def test_bad_pair_csv_lists_every_offender(tmp_path):
     path = _pairs_csv(tmp_path, ["x/1.png,x/2.png,1", "x/1.png,y/1.png,2", "x/1.png,gone.png,0", "x/1.png,y/2.png",
                                  "y/1.png,y/2.png,yes"])
     with pytest.raises(DataError) as err:
-        load_pair_csv(path)
+        load_pairs(path)
     msg = str(err.value)
     assert "2 labels other than 0/1" in msg and "line 3: '2'" in msg and "line 6: 'yes'" in msg
     assert "1 malformed rows" in msg and "line 5" in msg
-    assert "1 missing files (gone.png)" in msg
+    assert "1 missing files (line 4: gone.png)" in msg
 
 
 def test_pair_csv_needs_pairs_of_both_kinds(tmp_path):
     with pytest.raises(DataError, match="empty set"):
-        load_pair_csv(_pairs_csv(tmp_path, []))
+        load_pairs(_pairs_csv(tmp_path, []))
     with pytest.raises(DataError, match="no dissimilar"):
-        load_pair_csv(_pairs_csv(tmp_path, ["x/1.png,x/2.png,1"]))
+        load_pairs(_pairs_csv(tmp_path, ["x/1.png,x/2.png,1"]))
 
 
 def test_split_classes_is_disjoint_seeded_and_covers_everything(tmp_path):

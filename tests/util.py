@@ -47,7 +47,8 @@ def tiny_checkpoint(path: Path, backbone: str = "test_resnet", image_size: int =
     import torch
 
     from engine.config import EncoderConfig
-    from engine.encoder import build_encoder, save_checkpoint
+    from engine.checkpoint import save_checkpoint
+    from engine.encoder import build_encoder
 
     torch.manual_seed(0)
     enc = build_encoder(EncoderConfig(backbone=backbone, pretrained=False, image_size=image_size, head_dim=head_dim))

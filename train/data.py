@@ -4,15 +4,14 @@ P x K batch sampler and the image dataset that decodes through ``engine.preproce
 Two shapes of data:
 - ``ClassData``: paths and int64 labels from ``<root>/<class>/<image>`` (``engine.files.list_class_folder``).
   Batches are P classes x K images; pairs or triplets are mined inside the batch.
-- ``PairData``: the classic Siamese list ``img_a,img_b,label`` (1 similar, 0 dissimilar, paths relative to
-  the CSV). Images are numbered once; the pairs index into them.
+- ``PairData``: the classic Siamese list ``img_a,img_b,label``, read by ``engine.pairs`` (whose docstring
+  states the rules). Images are numbered once; the pairs index into them.
 
 Everything that is wrong with a data set is reported in one ``DataError`` that names the offenders.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -216,57 +215,18 @@ def cap_per_class(data: ClassData, max_per_class: int, seed: int = 0) -> ClassDa
     return ClassData([data.paths[i] for i in keep], data.labels[keep], list(data.classes), data.source)
 
 
-def load_pair_csv(path: str | os.PathLike, *, check_files: bool = True, what: str = "pair list") -> PairData:
-    """``img_a,img_b,label`` rows (an optional header row is skipped; paths relative to the CSV).
-    Raises DataError naming every malformed row, label other than 0/1, missing or unreadable file; and
-    for a list with no pairs, or without both similar and dissimilar pairs."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"no such pair list: {path}")
-    base = path.parent
-    offences = _Offences(f"{what} {path}")
-    index: dict[str, int] = {}
-    images: list[str] = []
-    a: list[int] = []
-    b: list[int] = []
-    same: list[int] = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"cannot read pair list {path}: {exc}") from None
-    for line, row in enumerate(rows, start=1):
-        cells = [c.strip() for c in row]
-        if not cells or all(not c for c in cells) or cells[0].startswith("#"):
-            continue
-        if line == 1 and len(cells) >= 3 and cells[2].lower() in ("label", "same", "similar", "target"):
-            continue  # header
-        if len(cells) != 3 or not cells[0] or not cells[1]:
-            offences.add("malformed rows (want img_a,img_b,label)", f"line {line}")
-            continue
-        if cells[2] not in ("0", "1"):
-            offences.add("labels other than 0/1", f"line {line}: {cells[2]!r}")
-            continue
-        ids = []
-        for rel in cells[:2]:
-            full = os.path.normpath(str(base / rel))
-            if full not in index:
-                index[full] = len(images)
-                images.append(full)
-            ids.append(index[full])
-        a.append(ids[0])
-        b.append(ids[1])
-        same.append(int(cells[2]))
-    if not a and not offences.kinds:
-        offences.add("empty set: no pairs", "")
-    elif a and (sum(same) == 0 or sum(same) == len(same)):
-        kind = "dissimilar (0)" if sum(same) else "similar (1)"
-        offences.add(f"no {kind} pairs: both kinds are needed", "")
-    if check_files and images:
-        _check_files(images, base, offences)
-    offences.raise_if_any()
-    return PairData(images, np.asarray(a, np.int64), np.asarray(b, np.int64), np.asarray(same, np.int64),
-                    str(path))
+def load_pairs(path: str | os.PathLike, *, check_files: bool = True, what: str = "training data") -> PairData:
+    """A pair list CSV -> PairData, read by ``engine.pairs.read_pairs`` (the rules ``engine eval`` uses
+    too: same files accepted, same messages). Training then also refuses images that do not decode
+    (``check_files``), as it does for class folders. Raises DataError."""
+    from engine.pairs import read_pairs
+
+    pairs = read_pairs(path)
+    if check_files:
+        offences = _Offences(f"{what} {pairs.source}")
+        _check_files(pairs.images, pairs.source.parent, offences)
+        offences.raise_if_any()
+    return PairData(list(pairs.images), pairs.a, pairs.b, pairs.same, str(pairs.source))
 
 
 def load_data(source: str | os.PathLike, *, max_per_class: int | None = None, seed: int = 0,
@@ -277,7 +237,7 @@ def load_data(source: str | os.PathLike, *, max_per_class: int | None = None, se
         return load_class_folder(source, max_per_class=max_per_class, seed=seed, check_files=check_files,
                                  what=what)
     if source.suffix.lower() == ".csv" or source.is_file():
-        return load_pair_csv(source, check_files=check_files, what=what)
+        return load_pairs(source, check_files=check_files, what=what)
     raise DataError(f"no such folder or pair list: {source}")
 
 

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 from engine.errors import DataError
+from train.config import LOSSES, MINERS
 
-LOSSES = ("contrastive", "triplet", "multi-similarity")
-MINERS = ("all", "batch-hard", "semi-hard")
 DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2, "multi-similarity": 0.1}
 MS_ALPHA, MS_BETA, MS_BASE = 2.0, 50.0, 0.5
 

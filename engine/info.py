@@ -1,20 +1,24 @@
-"""Facts about a library for ``engine info``."""
+"""``engine info``: what a library holds, with which encoder, and where its files are."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.library import Library
 
 
-def _size(path) -> int | None:
+def _size(path: str | os.PathLike) -> int | None:
     try:
         return os.path.getsize(path)
     except OSError:
         return None
 
 
-def describe_library(library) -> dict[str, Any]:
-    """Counts, model, dimensions, index type and state, file paths and sizes (bytes), as a dict."""
+def describe_library(library: Library) -> dict[str, Any]:
+    """Counts, model, dimensions, index type and state, file paths and sizes (bytes), as a
+    JSON-ready dict. A home without a library gives only ``home`` and ``state``."""
     paths = library.paths
     facts: dict[str, Any] = {"home": str(paths.home)}
     if not library.exists():
@@ -28,7 +32,7 @@ def describe_library(library) -> dict[str, Any]:
         "aliases": store.count_aliases(),
         "embeddings": store.count_embeddings(),
         "vectors": index.ntotal if index is not None else 0,
-        "model": model.to_dict(),
+        "model": model.to_dict() if model is not None else None,
         "index_type": f"IDMap2,{library.index_config().factory}",
         "metric": "inner product on L2-normalised vectors (cosine)",
         "files": {

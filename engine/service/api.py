@@ -1,0 +1,186 @@
+"""The JSON API under ``/api``. Every handler is a thin shell: read and check the request, run the
+blocking work off the event loop (decoding and the encoder on the service's inference threads,
+index and database on the app's thread pool), shape the answer.
+
+No handler reads or writes a path taken from the request: images are addressed by id, uploads are
+bytes, and thumbnails are made from the file the library indexed under that id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import time
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPBearer
+from starlette.concurrency import run_in_threadpool
+
+from engine.service.errors import Unprocessable
+from engine.service.schemas import (MAX_K, CompareResponse, ErrorResponse, HealthResponse, ImageResponse,
+                                    RefineRequest, SearchResponse)
+from engine.service.state import Ranking, SearchState
+from engine.service.thumbnails import snap_size
+from engine.service.uploads import check_size
+
+T = TypeVar("T")
+
+# The token itself is checked by the app's middleware, before any body is read; this only makes
+# the OpenAPI page offer an "Authorize" button.
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer TOKEN, when the service has one")
+
+_errors: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in (
+        (400, "bad request or empty upload"), (401, "token missing or wrong"), (404, "unknown id"),
+        (413, "upload over the byte or pixel limit"), (415, "upload is not an image"),
+        (422, "invalid parameter, or an image that cannot be decoded"))}
+
+router = APIRouter(prefix="/api", dependencies=[Depends(_bearer)], responses=_errors)
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description="how many neighbours")]
+Threshold = Annotated[Optional[str], Query(description="an L2 distance, or 'model' for the encoder's calibrated "
+                                                       "one: each hit then says whether it is similar")]
+WantVector = Annotated[bool, Query(description="also return the query vector (for /api/search/refine)")]
+
+
+def _state(request: Request) -> SearchState:
+    return request.app.state.search
+
+
+State = Annotated[SearchState, Depends(_state)]
+
+
+async def _infer(state: SearchState, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` on the inference threads (bounded, sized for the cores)."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.infer, functools.partial(fn, *args))
+
+
+def _encode_vector(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, "<f4").tobytes()).decode("ascii")
+
+
+def _decode_vector(text: str, dim: int) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Unprocessable("vector: not base64") from None
+    if len(raw) != 4 * dim:
+        raise Unprocessable(f"vector: expected {dim} float32 values, got {len(raw) / 4:g}")
+    vector = np.frombuffer(raw, "<f4").astype(np.float32)
+    if not np.all(np.isfinite(vector)):
+        raise Unprocessable("vector: values must be finite")
+    return vector
+
+
+def _hit_dicts(ranking: Ranking) -> list[dict[str, Any]]:
+    out = []
+    for hit in ranking.hits:
+        row = hit.to_dict()
+        row["score"], row["distance"] = hit.score, hit.distance  # full precision: clients round as they print
+        out.append(row)
+    return out
+
+
+def _answer(ranking: Ranking, started: float, query: dict[str, Any], vector: np.ndarray | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"hits": _hit_dicts(ranking), "images": ranking.snapshot.images,
+                           "generation": ranking.snapshot.generation,
+                           "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query}
+    if vector is not None:
+        out["vector"] = _encode_vector(vector)
+    return out
+
+
+async def _read(upload: UploadFile, state: SearchState, field: str) -> bytes:
+    return check_size(await upload.read(), state.config.max_upload_bytes, field)
+
+
+@router.get("/health", response_model=HealthResponse, summary="Liveness, library size and generation")
+async def health(state: State) -> dict[str, Any]:
+    snapshot = state.snapshot
+    return {"ok": True, "images": snapshot.images, "generation": snapshot.generation, "instance": state.instance}
+
+
+@router.post("/search", response_model=SearchResponse, response_model_exclude_unset=True,
+             summary="Search by an uploaded photo (multipart field 'image')")
+async def search_upload(state: State, image: Annotated[UploadFile, File(description="the query photo")],
+                        k: K = 10, threshold: Threshold = None, vector: WantVector = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    data = await _read(image, state, "image")
+    limit = state.resolve_threshold(threshold)
+    query_vector = await _infer(state, state.query_vector, data)
+    ranking = await run_in_threadpool(state.search_vector, query_vector, k, threshold=limit)
+    return _answer(ranking, started, {"name": image.filename or "", "bytes": len(data)},
+                   query_vector if vector else None)
+
+
+@router.get("/search", response_model=SearchResponse, response_model_exclude_unset=True,
+            summary="Neighbours of an indexed image (its stored vector; nothing is decoded)")
+async def search_id(state: State, id: Annotated[int, Query(ge=0, description="an indexed image's id")],
+                    k: K = 10, threshold: Threshold = None, vector: WantVector = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    limit = state.resolve_threshold(threshold)
+
+    def work() -> tuple[Ranking, np.ndarray, str]:
+        stored = state.stored_vectors([id])[0]
+        return state.search_vector(stored, k, threshold=limit), stored, state.record(id).path
+
+    ranking, stored, path = await run_in_threadpool(work)
+    return _answer(ranking, started, {"id": id, "path": path}, stored if vector else None)
+
+
+@router.post("/search/refine", response_model=SearchResponse, response_model_exclude_unset=True,
+             summary="Relevance feedback: neighbours of the query moved towards 'more like this' and away "
+                     "from 'less like this' results (Rocchio on stored vectors)")
+async def search_refine(state: State, body: RefineRequest, vector: WantVector = False) -> dict[str, Any]:
+    started = time.perf_counter()
+    original = None if body.vector is None else _decode_vector(body.vector, state.dim)
+    ranking, refined = await run_in_threadpool(state.refine, body.positive, body.negative, original, body.k)
+    return _answer(ranking, started, {"positive": body.positive, "negative": body.negative},
+                   refined if vector else None)
+
+
+@router.get("/images/{image_id}", response_model=ImageResponse, summary="The stored record of an indexed image")
+async def image_record(state: State, image_id: int) -> dict[str, Any]:
+    def work() -> dict[str, Any]:
+        out = state.record(image_id).to_dict()
+        out["aliases"] = state.aliases(image_id)
+        out["thumbnail"] = f"/api/images/{image_id}/thumbnail"
+        return out
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/images/{image_id}/thumbnail", response_class=FileResponse,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG no larger than size x size"}},
+            summary="A small JPEG of an indexed image, cached on disk in the library home")
+async def image_thumbnail(state: State, image_id: int,
+                          size: Annotated[int, Query(description="longest side in pixels, 32..1024; rounded up "
+                                                                  "to a standard size")] = 256) -> FileResponse:
+    path = await _infer(state, state.thumbnail, image_id, snap_size(size))
+    # An id always names the same content (a changed file gets a new id), so browsers may keep it.
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
+
+@router.post("/compare", response_model=CompareResponse, summary="Are two uploaded photos similar?")
+async def compare(state: State, a: Annotated[UploadFile, File()], b: Annotated[UploadFile, File()],
+                  threshold: Annotated[Optional[float], Query(description="L2 distance; default: the "
+                                                                          "encoder's calibrated one")] = None
+                  ) -> dict[str, Any]:
+    data_a, data_b = await _read(a, state, "a"), await _read(b, state, "b")
+    if threshold is not None and not np.isfinite(threshold):
+        raise Unprocessable("threshold must be finite")
+    result = await _infer(state, state.compare, data_a, data_b, threshold)
+    out = result.to_dict()
+    out.update(a=a.filename or "a", b=b.filename or "b", distance=result.distance, threshold=result.threshold)
+    return out
+
+
+@router.get("/info", summary="What `engine info --json` prints")
+async def info(state: State) -> dict[str, Any]:
+    return await run_in_threadpool(state.describe)

@@ -1,0 +1,200 @@
+"""The FastAPI application: lifespan (load once, watch the generation), security middleware, the
+JSON error shape, the API router and the page.
+
+Middleware, outermost first: trusted Host header (loopback names only when bound to loopback: a
+DNS-rebinding page cannot reach the API), security headers, the token (checked before any body is
+read), the body cap. No CORS headers are sent: other origins cannot read the API from a browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.staticfiles import StaticFiles
+
+from engine.errors import EngineError, ImageError, IndexMissingError
+from engine.service.api import router
+from engine.service.errors import ServiceError
+from engine.service.settings import ServiceConfig
+from engine.service.state import SearchState
+from engine.service.uploads import MULTIPART_SLACK, BodyLimit
+
+if TYPE_CHECKING:
+    from engine.library import Library
+    from engine.service.uploads import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+TOKEN_COOKIE = "engine_token"
+# The page and its assets: only our own scripts, styles and images (blob: for the local preview).
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    body = {"error": message, "status": status, **{k: v for k, v in extra.items() if v is not None}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_of(exc: EngineError) -> int:
+    if isinstance(exc, ServiceError):
+        return exc.status
+    if isinstance(exc, ImageError):
+        return 422
+    if isinstance(exc, IndexMissingError):
+        return 503
+    return 500
+
+
+class TokenGate:
+    """ASGI middleware: with a token configured, every ``/api/`` request must carry
+    ``Authorization: Bearer TOKEN`` (or, for GET only, the ``engine_token`` cookie the page sets,
+    since an ``<img>`` cannot send a header). Answered 401 before the body is read."""
+
+    def __init__(self, app: ASGIApp, token: str | None):
+        self.app = app
+        self.token = token.encode() if token else None
+
+    def _allowed(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token or b""):
+            return True
+        if scope["method"] in ("GET", "HEAD"):
+            for part in headers.get(b"cookie", b"").split(b";"):
+                name, _, value = part.strip().partition(b"=")
+                value = urllib.parse.unquote_to_bytes(value)  # the page stores it URI-encoded
+                if name == TOKEN_COOKIE.encode() and hmac.compare_digest(value, self.token or b""):
+                    return True
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is None or scope["type"] != "http" or not scope["path"].startswith("/api/") \
+                or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        await _error(401, "this service needs its token: send Authorization: Bearer TOKEN")(scope, receive, send)
+
+
+class SecurityHeaders:
+    """ASGI middleware: no MIME sniffing, no referrer, no framing on every response; the page's
+    content security policy on the page and its assets."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = scope["path"] == "/" or scope["path"].startswith("/static/")
+
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                            (b"x-frame-options", b"DENY")]
+                if page:
+                    headers.append((b"content-security-policy", PAGE_POLICY.encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+async def _watch(state: SearchState, every: float) -> None:
+    """Pick up an ingest elsewhere: reload the index whenever the library's generation moves."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await run_in_threadpool(state.refresh)
+        except Exception as exc:  # a failed reload keeps the current snapshot; the next tick retries
+            log.warning("index reload failed (%s); still serving generation %d", exc, state.snapshot.generation)
+
+
+def create_app(library: Library, config: ServiceConfig = ServiceConfig(), *,
+               state: SearchState | None = None) -> FastAPI:
+    """The service over ``library``. Its encoder and index load when the app starts (lifespan)
+    and are released when it stops. ``state`` lets a caller share an already opened SearchState."""
+    search = state or SearchState(library, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if search.infer is None:
+            await run_in_threadpool(search.open)
+        watcher = asyncio.create_task(_watch(search, config.poll_s)) if config.poll_s > 0 else None
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await run_in_threadpool(search.close)
+
+    app = FastAPI(title="engine", version="1", lifespan=lifespan,
+                  description="Image search over an engine library: search by photo or by indexed image, refine "
+                              "with relevance feedback, compare two photos, fetch records and thumbnails.")
+    app.state.search = search
+    app.state.config = config
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_request: Request, exc: EngineError) -> JSONResponse:
+        status = _status_of(exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc)
+        return _error(status, str(exc), field=getattr(exc, "field", None), reason=getattr(exc, "reason", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:3]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+        return _error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return _error(500, f"internal error: {type(exc).__name__}: {first}")
+
+    app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def body_limit(path: str) -> int:
+        files = 2 if path == "/api/compare" else 1
+        if path == "/api/search/refine":
+            return 1 << 20  # JSON: ids and one base64 vector
+        return files * config.max_upload_bytes + MULTIPART_SLACK
+
+    app.add_middleware(BodyLimit, limit_for=body_limit)
+    app.add_middleware(TokenGate, token=config.token)
+    app.add_middleware(SecurityHeaders)
+    if config.hosts() != ("*",):
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(config.hosts()))
+    return app

@@ -1,0 +1,118 @@
+"""Uploads: the byte cap, enforced while the request body is read, and decoding an uploaded image
+through the one preprocessing path (``engine.preprocess``), with the pixel cap ingest has.
+
+Status codes: 413 for a body or file over the cap (bytes) or a decompression bomb (pixels), 400 for
+an empty file, 415 for bytes that are not an image, 422 for an image that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from starlette.exceptions import HTTPException
+
+from engine.errors import ImageError
+from engine.service.errors import BadRequest, TooLarge, Unprocessable, UnsupportedImage
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MULTIPART_SLACK = 64 * 1024  # part headers and boundaries around the files
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from inside ``receive``; an HTTPException so that FastAPI's body parsing passes it
+    on as it is (anything else becomes its generic 400) and the app answers it as 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over the limit of {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body exceeds ``limit_for(path)`` bytes is answered 413,
+    at once when its Content-Length says so, else as soon as the bytes read pass the limit (the
+    rest is never read, so an endless chunked upload costs at most the limit)."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _refuse(send, limit)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge:
+            if not started:
+                await _refuse(send, limit)
+
+
+async def _refuse(send: Send, limit: int) -> None:
+    body = json.dumps({"error": f"request body over the limit of {limit} bytes", "status": 413}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def check_size(data: bytes, limit: int, field: str) -> bytes:
+    """``data`` when it is within ``limit`` bytes and not empty; else TooLarge / BadRequest."""
+    if len(data) > limit:
+        raise TooLarge(f"{field}: file of {len(data)} bytes is over the limit of {limit} bytes", field=field)
+    if not data:
+        raise BadRequest(f"{field}: empty file (0 bytes)", field=field, reason="empty file (0 bytes)")
+    return data
+
+
+def decode_upload(data: bytes, field: str, draft_size: int | None) -> Image.Image:
+    """The uploaded bytes as an RGB image, decoded exactly as ingest decodes a file (same EXIF
+    handling, same draft reduction, same decompression-bomb limit). Raises a ServiceError whose
+    ``reason`` is the text ``engine query`` gives for the same file."""
+    from engine.preprocess import open_image
+
+    try:
+        # A file object, not bytes: open_image then reads it as it reads a path.
+        image, _ = open_image(io.BytesIO(data), draft_size=draft_size)
+    except ImageError as exc:
+        reason = str(exc)
+        # The reasons are engine.preprocess's own wording; tests pin each mapping.
+        if reason.startswith("decompression bomb"):
+            kind: type = TooLarge
+        elif reason.startswith("not an image"):
+            kind = UnsupportedImage
+        else:
+            kind = Unprocessable
+        raise kind(f"{field}: {reason}", field=field, reason=reason) from None
+    return image
