@@ -8,21 +8,46 @@ from datetime import datetime
 from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 
 class FsPath(TypeDecorator):
-    """A filesystem path kept as its raw bytes, so names that are not valid UTF-8 survive the
-    round trip (Python holds them as surrogate escapes, which no SQL text column accepts)."""
+    """A filesystem path, kept exactly. In SQLite a name that is valid UTF-8 is stored as TEXT, so
+    ``sqlite3`` and datasette show it as it reads; any other name (Python holds its undecodable
+    bytes as surrogate escapes, which no text column accepts) is stored as its raw bytes (a BLOB).
+    The choice depends on the name alone, so every lookup binds the same value that was stored.
+    Other databases keep every path as raw bytes. Reads give ``str`` either way."""
 
     impl = LargeBinary
     cache_ok = True
 
-    def process_bind_param(self, value: str | os.PathLike | None, dialect: Dialect) -> bytes | None:
-        return None if value is None else os.fsencode(value)
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine:
+        return dialect.type_descriptor(Text() if dialect.name == "sqlite" else LargeBinary())
 
-    def process_result_value(self, value: bytes | None, dialect: Dialect) -> str | None:
-        return None if value is None else os.fsdecode(bytes(value))
+    def process_bind_param(self, value: str | bytes | os.PathLike | None, dialect: Dialect) -> str | bytes | None:
+        if value is None:
+            return None
+        raw = os.fsencode(value)
+        if dialect.name == "sqlite":
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw
+        return raw
+
+    def process_result_value(self, value: str | bytes | None, dialect: Dialect) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        return os.fsdecode(bytes(value))
+
+
+def path_as_stored(path: str | bytes | os.PathLike) -> str | bytes:
+    """What SQLite holds for ``path`` (see FsPath): the text of a valid UTF-8 name, else its bytes."""
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
 
 
 class Base(DeclarativeBase):
@@ -65,6 +90,17 @@ class Embedding(Base):
     """The stored vector of an image (float32 bytes), so the index can be rebuilt without decoding."""
 
     __tablename__ = "embeddings"
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class PendingEmbedding(Base):
+    """A vector made by an encoder the library is being re-embedded with (``engine reindex
+    --model``), staged beside the live one until every row has one; then all of them replace the
+    ``embeddings`` in one transaction. Nothing reads this table but the re-embedding itself."""
+
+    __tablename__ = "pending_embeddings"
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)

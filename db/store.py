@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,17 +16,18 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
-from sqlalchemy.engine import Connection, Engine, ExceptionContext, make_url
-from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 
+from db.common import CHUNK as _CHUNK, StoreError, chunks as _chunks, decode_vectors as _decode_vectors
+from db.migrations import CURRENT as CURRENT_SCHEMA, upgrade
 from db.models import Alias, Base, Embedding, Image, Meta
+from db.sqlite_files import DatabaseDamagedError, read_only_engine
+from db.browse import BrowseMixin
+from db.changes import ChangesMixin
+from db.staging import StagingMixin
 
-SCHEMA_VERSION = 1
-_CHUNK = 500  # ids per IN (...) clause: well under SQLite's variable limit
-
-
-class StoreError(Exception):
-    """The database cannot be opened or read. (The engine maps it to its own CorruptFileError.)"""
+SCHEMA_VERSION = CURRENT_SCHEMA  # db/migrations.py upgrades older files
 
 
 @dataclass(frozen=True)
@@ -88,32 +90,83 @@ def _is_corruption(exc: BaseException | None) -> bool:
     return "malformed" in text or "not a database" in text
 
 
-def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]
+class StoreURLError(StoreError):
+    """The database URL is not one this installation can open (malformed, an unknown kind of
+    database, or its driver is not installed)."""
+
+
+class StoreFullError(StoreError):
+    """The database could not be written: the disk (or the database's quota) is full."""
+
+
+_SQLITE_FULL = 13
+
+
+def _is_full(exc: BaseException | None) -> bool:
+    """True for SQLite's "database or disk is full"."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF == _SQLITE_FULL if code is not None else "disk is full" in str(exc)
+
+
+def _masked(url: str) -> str:
+    """``url`` without a password, for messages."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def _parse_url(url: str) -> URL:
+    """``url`` parsed; StoreURLError saying what a database URL looks like when it is not one."""
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise StoreURLError(f"{_masked(url)!r} is not a database URL (expected e.g. sqlite:///path/to/library.db "
+                            "or postgresql://user@host/name)") from None
+
+
+def _create_engine(url: URL) -> Engine:
+    """The SQLAlchemy engine of ``url``; StoreURLError for an unknown kind of database or a driver
+    that is not installed."""
+    shown = url.render_as_string(hide_password=True)
+    try:
+        return create_engine(url)
+    except NoSuchModuleError:
+        raise StoreURLError(f"unknown kind of database {url.drivername!r} in the database URL {shown!r} "
+                            "(sqlite, postgresql, mysql ... with their driver installed)") from None
+    except ImportError as exc:
+        raise StoreURLError(f"the database URL {shown!r} needs the Python package {exc.name or 'of its driver'}, "
+                            "which is not installed") from None
+    except ArgumentError as exc:
+        raise StoreURLError(f"the database URL {shown!r} cannot be used: {exc}") from None
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-class MetadataStore:
+class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
     """Images, aliases, embeddings and library facts in one SQL database (SQLite by default)."""
 
-    def __init__(self, url: str, *, on_corrupt: Callable[[str], Exception] | None = None):
+    def __init__(self, url: str, *, on_corrupt: Callable[[str], Exception] | None = None, read_only: bool = False):
         """on_corrupt(message) makes the exception raised whenever SQLite finds the file damaged,
-        at open or by any later read or write (default: StoreError)."""
+        at open or by any later read or write (default: DatabaseDamagedError, a StoreError).
+        read_only: create nothing and write nothing (a SQLite file is opened as db.sqlite_files
+        explains; other databases are only read)."""
         self.url = url
-        parsed = make_url(url)
+        parsed = _parse_url(url)
         self.where = parsed.database if parsed.get_backend_name() == "sqlite" and parsed.database \
             else parsed.render_as_string(hide_password=True)
-        self._on_corrupt = on_corrupt or StoreError
+        self._on_corrupt = on_corrupt or DatabaseDamagedError
+        self.read_only = read_only
         try:
-            self._engine: Engine = create_engine(url)  # private: SQL stays inside db/
-            if self._engine.dialect.name == "sqlite":
-                event.listen(self._engine, "connect", _sqlite_pragmas)
+            if read_only and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                self._engine: Engine = read_only_engine(parsed.database)
+            else:
+                self._engine = _create_engine(parsed)  # private: SQL stays inside db/
+                if self._engine.dialect.name == "sqlite":
+                    event.listen(self._engine, "connect", _sqlite_pragmas)
             event.listen(self._engine, "handle_error", self._handle_error)
-            found = self._create_schema()
+            found = self._read_schema() if read_only else self._create_schema()
         except (DatabaseError, OperationalError) as exc:
             raise StoreError(f"database {self.where} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
         if json.loads(found) > SCHEMA_VERSION:
@@ -131,6 +184,14 @@ class MetadataStore:
                     raise
         return self._create_schema_once()
 
+    def _read_schema(self) -> str:
+        """The schema version found (JSON text), creating nothing (a read-only open)."""
+        with self._engine.connect() as conn:
+            if not self._engine.dialect.has_table(conn, Meta.__tablename__):
+                raise StoreError(f"database {self.where} holds no library")
+            found = conn.scalar(select(Meta.value).where(Meta.key == "schema_version"))
+        return found if found is not None else json.dumps(SCHEMA_VERSION)
+
     def _create_schema_once(self) -> str:
         Base.metadata.create_all(self._engine)
         with self._engine.begin() as conn:
@@ -138,9 +199,13 @@ class MetadataStore:
             if found is None:
                 found = json.dumps(SCHEMA_VERSION)
                 conn.execute(insert(Meta).values(key="schema_version", value=found))
-        return found
+        return upgrade(self._engine, found)  # an older library's file is brought up to date
 
     def _handle_error(self, context: ExceptionContext) -> None:
+        if _is_full(context.original_exception):
+            raise StoreFullError(f"no space left to write the database {self.where} "
+                                 f"({context.original_exception}); free some space and run the command again "
+                                 "(everything committed so far is kept)") from None
         if _is_corruption(context.original_exception):
             raise self._on_corrupt(f"database file {self.where} is damaged ({context.original_exception})") from None
 
@@ -242,6 +307,14 @@ class MetadataStore:
             for chunk in _chunks(sorted({int(i) for i in ids})):
                 for row in conn.execute(select(Alias.image_id, Alias.path).where(Alias.image_id.in_(chunk))):
                     out.setdefault(row.image_id, []).append(row.path)
+        return out
+
+    def alias_map(self) -> dict[int, list[str]]:
+        """image id -> its alias paths, for every image that has any (reads the aliases table only)."""
+        out: dict[int, list[str]] = {}
+        with self._engine.connect() as conn:
+            for row in conn.execute(select(Alias.image_id, Alias.path).order_by(Alias.image_id)):
+                out.setdefault(row.image_id, []).append(row.path)
         return out
 
     def get_embeddings(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -393,15 +466,3 @@ class MetadataStore:
                 conn.execute(delete(Alias).where(Alias.image_id.in_(chunk)))
                 conn.execute(delete(Image).where(Image.id.in_(chunk)))
             self._bump(conn)
-
-    def clear_embeddings(self) -> None:
-        """Drop every stored vector (before a re-embed with another encoder)."""
-        with self._engine.begin() as conn:
-            conn.execute(delete(Embedding))
-            self._bump(conn)
-
-
-def _decode_vectors(blobs: Sequence[bytes], dim: int) -> np.ndarray:
-    if not blobs:
-        return np.zeros((0, dim), np.float32)
-    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), dim).copy()

@@ -7,21 +7,27 @@ the engine writes for itself (index, index state, checkpoints, reports) goes thr
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
 
 
-def _fsync_path(path: str | os.PathLike, *, directory: bool = False) -> None:
+def _fsync_path(path: str | os.PathLike, *, directory: bool = False, strict: bool = False) -> None:
+    """fsync ``path``. strict=True raises when it fails: a file whose data did not reach the disk
+    (ENOSPC or EIO at fsync) must not replace a good one. Folders are synced leniently."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
         fd = os.open(path, flags)
     except OSError:  # some filesystems refuse to open folders; the rename is still atomic
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:  # EINVAL and the like: a file system without fsync; the data was written
+        if strict and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
     finally:
         os.close(fd)
 
@@ -39,7 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        _fsync_path(tmp)
+        _fsync_path(tmp, strict=True)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -54,3 +60,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, encoding: str = 
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
     return Path(path)
+
+
+def move_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Rename ``src`` over ``dst`` (in the same folder) atomically and durably: a crash leaves
+    either both files as they were or ``dst`` holding what ``src`` held. Returns ``dst``."""
+    _fsync_path(src)
+    os.replace(src, dst)
+    _fsync_path(Path(dst).parent, directory=True)
+    return Path(dst)

@@ -133,8 +133,8 @@ def checkpoint_payload(encoder: Encoder, *, threshold: float | None = None, meta
 
 def save_payload(payload: dict, path: str | Path) -> Path:
     """Write a checkpoint dict atomically (temp file + rename): a crash never leaves half a file."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)  # into a Python file: a full disk raises OSError, not a RuntimeError
     return Path(path)
 
 

@@ -7,132 +7,84 @@ ENGINE_DEBUG=1 to see one).
 
 from __future__ import annotations
 
-import functools
-import json
+import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from engine.cli_params import Count, Number, Threshold, cap_workers_option, parse_ks as _parse_ks
+from engine.cli_options import DATABASE_HELP, DEVICE_HELP, HOME_HELP, EngineGroup
+from engine.cli_errors import _echo_json, _printable, _PrintableFormatter, handle_errors
+from engine.console import Progress as _ProgressBar
 from engine.errors import EngineError
+from engine.output import to_json_bytes
 # Torch-free: the train command's choices and its option check come from here at import time.
 from train.config import FIELDS as TRAIN_FIELDS
 from train.config import LOSSES, MINERS, PRESET_NAMES
 
 if TYPE_CHECKING:
     from engine.library import Library
-    from engine.query import Hit
+    from engine.query import QueryResult
     from train.config import TrainConfig
-
-
-def _printable(text: str) -> str:
-    """File names that are not valid UTF-8 arrive as surrogate escapes; show them escaped."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, default=str))
-
-
-def handle_errors(func: Callable) -> Callable:
-    """Turn the project's exceptions (and anything unexpected) into one-line messages."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except EngineError as exc:
-            raise click.ClickException(_printable(str(exc))) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: everything committed so far is kept; run the command again to resume", err=True)
-            sys.exit(130)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as exc:
-            if os.environ.get("ENGINE_DEBUG"):
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise click.ClickException(_printable(f"internal error: {type(exc).__name__}: {first} "
-                                                  "(ENGINE_DEBUG=1 shows the traceback)")) from None
-
-    return wrapper
 
 
 class Context:
     """The global options, shared by every command."""
 
-    def __init__(self, home: str | None, device: str, database_url: str | None) -> None:
+    def __init__(self, home: str | None, device: str, database_url: str | None, read_only: bool = False) -> None:
         self.home = home
         self.device = device
         self.database_url = database_url
+        self.read_only = read_only
 
     def library(self) -> Library:
         from engine.library import Library
 
-        return Library(self.home, device=self.device, database_url=self.database_url)
+        # without --read-only the library still opens read-only where its files cannot be written
+        return Library(self.home, device=self.device, database_url=self.database_url,
+                       read_only=True if self.read_only else None)
 
 
 pass_ctx = click.make_pass_decorator(Context)
-
-
-class _ProgressBar:
-    """The one progress adapter: a tqdm bar on stderr fed with engine.progress.ProgressFn calls
-    (done, total). Silent when stderr is not a terminal, unless ENGINE_PROGRESS forces it; a
-    ``done`` that goes back down starts the bar again (a new phase)."""
-
-    def __init__(self, desc: str, enabled: bool = True) -> None:
-        self.desc, self.enabled = desc, enabled
-        self.bar: Any = None
-
-    def __call__(self, done: int, total: int | None) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="img", file=sys.stderr, dynamic_ncols=True,
-                            disable=None if not os.environ.get("ENGINE_PROGRESS") else False)
-        if done < self.bar.n:
-            self.bar.reset(total=total)
-        elif total != self.bar.total:
-            self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _waiting() -> None:
     click.echo("another process is writing to this library; waiting for it to finish...", err=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", envvar="ENGINE_HOME", type=click.Path(file_okay=False),
-              help="Library folder (database, index, encoder). Default: $ENGINE_HOME or ~/.local/share/engine.")
+@click.group(cls=EngineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="ENGINE_HOME", type=click.Path(file_okay=False), help=HOME_HELP)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where the encoder runs; auto picks CUDA when present.")
-@click.option("--database-url", default=None,  # $ENGINE_DATABASE_URL is read by Library, not here
-              help="Any SQLAlchemy URL for the metadata. Default: $ENGINE_DATABASE_URL, else SQLite in the library folder.")
+              help=DEVICE_HELP)
+@click.option("--database-url", default=None, help=DATABASE_HELP)  # $ENGINE_DATABASE_URL: read by Library
+@click.option("--read-only", is_flag=True, help="Search the library without writing anything to it (also the "
+              "default where its folder is not writable, or $ENGINE_READ_ONLY is set); commands that change it refuse.")
 @click.version_option(package_name="engine")
 @click.pass_context
-def main(ctx: click.Context, home: str | None, device: str, database_url: str | None) -> None:
+def main(ctx: click.Context, home: str | None, device: str, database_url: str | None, read_only: bool) -> None:
     """Image retrieval with a Siamese encoder: ingest photos, query by image, compare pairs,
     train, evaluate and benchmark."""
-    import logging
-
+    before = list(logging.getLogger().handlers)
     logging.basicConfig(level=os.environ.get("ENGINE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    ctx.obj = Context(home, device, database_url)
+    for handler in logging.getLogger().handlers:  # log lines quote file names too: keep them one safe line
+        if handler not in before:
+            handler.setFormatter(_PrintableFormatter(handler.formatter))
+    # `~` that no shell expanded ($ENGINE_HOME='~/lib', --home '~/lib') means the home folder, as everywhere.
+    ctx.obj = Context(os.path.expanduser(home) if home else None, device, database_url, read_only)
 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--model", default=None, help="pretrained or a checkpoint; chosen when the library is new.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=None, type=click.IntRange(0), help="Decode processes (default: cores/4, at least 1).")
+@click.option("--workers", default=None, type=click.IntRange(0), callback=cap_workers_option,
+              help="Decode processes (default: cores/4, at least 1; at most what cores and memory hold).")
 @click.option("--exclude", multiple=True, help="Glob of names or paths to skip (repeatable).")
-@click.option("--prune", is_flag=True, help="Forget indexed files under PATHS that are gone from disk.")
+@click.option("--prune", is_flag=True,
+              help="Forget indexed files under PATHS that are gone from disk (never under a path that could not "
+                   "be walked, holds no image, or whose indexed files are all missing: an unmounted drive).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @pass_ctx
 @handle_errors
@@ -142,7 +94,7 @@ def ingest(obj: Context, paths: tuple[str, ...], model: str | None, batch_size: 
     from ingest.pipeline import IngestConfig, ingest_paths
 
     config = IngestConfig(batch_size=batch_size, workers=workers, exclude=tuple(exclude), prune=prune)
-    bar = _ProgressBar("ingest", enabled=not as_json or bool(os.environ.get("ENGINE_PROGRESS")))
+    bar = _ProgressBar("ingest", enabled=not as_json, waiting="loading the encoder...")
     try:
         report = ingest_paths(obj.library(), paths, config, model=model, progress=bar, on_wait=_waiting)
     finally:
@@ -150,79 +102,99 @@ def ingest(obj: Context, paths: tuple[str, ...], model: str | None, batch_size: 
     if as_json:
         _echo_json(report.to_dict())
     else:
-        click.echo(f"added {report.added}, unchanged {report.unchanged}, updated {report.updated}, "
+        click.echo(f"added {report.added}, moved {report.moved}, unchanged {report.unchanged}, updated {report.updated}, "
                    f"duplicates {report.duplicates}, failed {len(report.failed)}, removed {report.removed} "
-                   f"in {report.seconds:.1f} s ({report.images_per_second:.1f} images/s embedded)")
+                   f"in {report.seconds:.1f} s " + (f"({report.images_per_second:.1f} images/s embedded)"
+                                                    if report.embedded else "(nothing new to embed)"))
         for path, reason in report.failed[:20]:
             click.echo(_printable(f"  failed: {path}: {reason}"), err=True)
         if len(report.failed) > 20:
-            click.echo(f"  ... {len(report.failed) - 20} more in {report.report_path}", err=True)
-    touched = report.added + report.unchanged + report.updated + report.duplicates + report.removed
-    if report.failed and touched == 0:
+            click.echo(_printable(f"  ... {len(report.failed) - 20} more in {report.report_path}"), err=True)
+        for where, reason, kept in report.prune_kept:
+            click.echo(_printable(f"  not pruned under {where}: {reason}; kept {kept} indexed path(s) "
+                                  "(`engine remove PATH` forgets them if they are really gone)"), err=True)
+    touched = report.added + report.unchanged + report.updated + report.duplicates + report.moved + report.removed
+    if report.failed and touched == 0 or report.unwalked or report.prune_kept:
         sys.exit(1)
 
 
-def _format_hit(hit: Hit) -> str:
-    rec = hit.record
-    facts = [f"{rec.width}x{rec.height}" if rec.width else "", rec.format or ""]
-    if rec.taken_at:
-        facts.append(rec.taken_at.strftime("%Y-%m-%d %H:%M"))
-    if rec.camera:
-        facts.append(rec.camera)
-    verdict = "" if hit.similar is None else ("  similar" if hit.similar else "  different")
-    return _printable(f"{hit.rank:4d}  {hit.score:.4f}  {hit.distance:.4f}  {hit.path}  ({' '.join(f for f in facts if f)})"
-                      f"{verdict}")
+def _note_k_capped(k: int, results: list[QueryResult]) -> None:
+    """Say on stderr when -k, given explicitly, asked for more neighbours than the library holds
+    (the results then hold every indexed image)."""
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("k") != click.core.ParameterSource.COMMANDLINE:
+        return
+    answered = [len(r.hits) for r in results if not r.error]
+    if answered and max(answered) < k:
+        click.echo(f"note: -k {k} is more than the library holds; capped at {max(answered)}", err=True)
+
+
+_DATES = ["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"]
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
-@click.option("--threshold", is_flag=False, flag_value="model", default=None,
-              help="Mark hits within this L2 distance as similar; alone, the encoder's calibrated threshold.")
+@click.option("-k", "k", default=10, show_default=True, type=Count(),
+              help="Neighbours per query (at most the number of indexed images).")
+@click.option("--threshold", type=Threshold(), default=None, help="Only hits at L2 distance <= D (a number).")
+@click.option("--label", is_flag=True, help="Mark each hit similar/different by the encoder's calibrated threshold.")
+@click.option("--exclude-self", is_flag=True, help="Leave out each query's own file (and its byte-identical copies).")
+@click.option("--taken-after", type=click.DateTime(_DATES), help="Only photos captured at or after DATE (EXIF).")
+@click.option("--taken-before", type=click.DateTime(_DATES), help="Only photos captured before DATE (EXIF).")
+@click.option("--camera", help="Only photos whose camera make or model contains TEXT (any case).")
+@click.option("--under", multiple=True, type=click.Path(file_okay=False), help="Only photos in FOLDER (repeatable).")
+@click.option("--paths", "paths_only", is_flag=True, help="Print only the hits' paths, one per line (for xargs).")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Also draw every query and its hits into this PNG.")
 @click.option("--model", default=None, help="Refuse unless the library was built with this model.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per query, one per line.")
+@click.option("--json", "as_json", is_flag=True)
 @click.option("--no-server", is_flag=True, help="Search in this process even when `engine serve` runs for this library.")
 @pass_ctx
 @handle_errors
-def query(obj: Context, images: tuple[str, ...], k: int, threshold: str | float | None, model: str | None,
-          as_json: bool, no_server: bool) -> None:
+def query(obj: Context, images: tuple[str, ...], k: int, threshold: float | None, label: bool, exclude_self: bool,
+          taken_after: Any, taken_before: Any, camera: str | None, under: tuple[str, ...], paths_only: bool,
+          sheet: str | None, model: str | None, as_json: bool, no_server: bool) -> None:
     """Find the K most similar indexed images to each IMAGE (files, or folders walked as ingest
-    walks them). A running `engine serve` for this library answers when there is one."""
+    walks them). Filters keep the K best that pass. A running `engine serve` for this library
+    answers when there is one."""
+    from engine.filters import HitFilter
     from engine.query import search_library
+    from engine.views import path_line, result_lines, sheet_note, write_query_sheet
 
-    if threshold not in (None, "model"):
-        try:
-            threshold = float(threshold)
-        except ValueError:
-            raise click.BadParameter(f"{threshold!r} is not a number", param_hint="--threshold") from None
+    hit_filter = HitFilter(threshold, taken_after, taken_before, camera, under)
     results = None
     if not no_server and model is None:
         from engine.service.client import search_via_service
 
-        results = search_via_service(obj.home, obj.database_url, images, k, threshold=threshold)
+        results = search_via_service(obj.home, obj.database_url, images, k, threshold="model" if label else None,
+                                     hit_filter=hit_filter, exclude_self=exclude_self)
     if results is None:
         library = obj.library()
+        label_at = None
         if library.exists():  # an empty home is search_library's error to report
             if model is not None:
                 library.check_model(model)
-            if threshold == "model":
-                threshold = library.encoder().decision_threshold
-        results = search_library(library, images, k, threshold=threshold)
-    failed = 0
+            label_at = library.encoder().decision_threshold if label else None
+        bar = _ProgressBar("query", enabled=not as_json)
+        try:
+            results = search_library(library, images, k, threshold=label_at, hit_filter=hit_filter,
+                                     exclude_self=exclude_self, progress=bar)
+        finally:
+            bar.close()
+    _note_k_capped(k, results)
+    terminal = sys.stdout.isatty()
     for result in results:
-        if result.error:
-            failed += 1
         if as_json:
             _echo_json(result.to_dict())
-            continue
-        if result.error:
+        elif result.error:
             click.echo(_printable(f"error: {result.query}: {result.error}"), err=True)
-            continue
-        click.echo(_printable(f"query: {result.query}"))
-        click.echo("rank  score   distance  path")
-        for hit in result.hits:
-            click.echo(_format_hit(hit))
-    if failed and failed == len(results):
+        elif paths_only:
+            click.echo(b"".join(path_line(h.path, terminal) for h in result.hits), nl=False)
+        else:
+            click.echo("\n".join(result_lines(result)))
+    note = sheet_note(write_query_sheet(results, sheet)) if sheet else None
+    if note:
+        click.echo(note, err=True)
+    if results and all(r.error for r in results):
         sys.exit(1)
 
 
@@ -230,7 +202,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, threshold: str | float 
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--model", default=None, help="pretrained or a checkpoint (default: the library's encoder, else pretrained).")
-@click.option("--threshold", type=float, default=None, help="L2 distance at or below which the pair is similar.")
+@click.option("--threshold", type=Threshold(), default=None, help="L2 distance at or below which the pair is similar.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-server", is_flag=True, help="Compare in this process even when `engine serve` runs for this library.")
 @pass_ctx
@@ -262,6 +234,36 @@ def compare(obj: Context, a: str, b: str, model: str | None, threshold: float | 
 
 
 @main.command()
+@click.option("--threshold", type=Threshold(), default=None,
+              help="L2 distance at or below which two photos count as the same shot (default 0.525: calibrated for "
+                   "the pretrained encoder on altered copies; see the README).")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Also draw each group as a row of thumbnails into this PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+@handle_errors
+def duplicates(obj: Context, threshold: float | None, sheet: str | None, as_json: bool) -> None:
+    """Group the library's near-identical photos (re-saved, resized, cropped a little, burst shots)
+    from its stored vectors, byte-identical copies included. Nothing is decoded."""
+    from engine.duplicates import DuplicateConfig, find_duplicates
+    from engine.views import duplicate_lines, sheet_note, write_duplicate_sheet
+
+    bar = _ProgressBar("duplicates", unit="vectors", enabled=not as_json, waiting="opening the index...")
+    try:
+        config = DuplicateConfig() if threshold is None else DuplicateConfig(threshold=threshold)
+        report = find_duplicates(obj.library(), config, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        for group in report.groups:
+            _echo_json(dict(group.to_dict(), threshold=report.threshold))
+    else:
+        click.echo("\n".join(duplicate_lines(report)))
+    note = sheet_note(write_duplicate_sheet(report, sheet)) if sheet else None
+    if note:
+        click.echo(note, err=True)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
@@ -273,8 +275,14 @@ def info(obj: Context, as_json: bool) -> None:
     if as_json:
         _echo_json(facts)
         return
+    from engine.views import folder_lines
+
     for key, value in facts.items():
-        if isinstance(value, dict):
+        if key == "folders":
+            click.echo(f"folders: {len(value)} (indexed files per folder)")
+            for line in folder_lines([(f["folder"], f["files"]) for f in value]):
+                click.echo(line)
+        elif isinstance(value, dict):
             click.echo(f"{key}:")
             for k2, v2 in value.items():
                 click.echo(_printable(f"  {k2}: {v2}"))
@@ -283,31 +291,47 @@ def info(obj: Context, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--model", default=None, help="Re-embed every image with this encoder (pretrained or a checkpoint).")
+@click.option("--model", default=None,
+              help="Re-embed every image with this encoder (pretrained or a checkpoint), then switch the library to "
+                   "it. The library answers as before until every row has a new vector; a stopped run resumes.")
 @click.option("--index-type", default=None,
-              help="FAISS factory string after IDMap2: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ...")
+              help="FAISS factory string after IDMap2: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ... "
+                   "(built and trained on the stored vectors before it replaces the current one).")
+@click.option("--allow-missing", is_flag=True,
+              help="With --model: switch even when some indexed files cannot be read, forgetting those rows.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=None, type=click.IntRange(0))
+@click.option("--workers", default=None, type=click.IntRange(0), callback=cap_workers_option)
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def reindex(obj: Context, model: str | None, index_type: str | None, batch_size: int, workers: int | None,
-            as_json: bool) -> None:
+def reindex(obj: Context, model: str | None, index_type: str | None, allow_missing: bool, batch_size: int,
+            workers: int | None, as_json: bool) -> None:
     """Rebuild the index from stored embeddings, or re-embed the library with another encoder."""
-    from ingest.pipeline import IngestConfig, reindex_library
+    from ingest.pipeline import IngestConfig
+    from ingest.reindex import reindex_library
 
-    bar = _ProgressBar("reindex", enabled=model is not None and not as_json)
+    bar = _ProgressBar("reindex", enabled=not as_json, waiting="loading the encoder..." if model else
+                       "rebuilding the index from the stored vectors...")
     try:
-        summary = reindex_library(obj.library(), model=model, factory=index_type,
-                                  config=IngestConfig(batch_size=batch_size, workers=workers), progress=bar,
-                                  on_wait=_waiting)
+        report = reindex_library(obj.library(), model=model, factory=index_type, allow_missing=allow_missing,
+                                 config=IngestConfig(batch_size=batch_size, workers=workers), progress=bar,
+                                 on_wait=_waiting)
     finally:
         bar.close()
     if as_json:
-        _echo_json(summary)
-    else:
-        click.echo(f"index {summary['index']}: {summary['vectors']} vectors; re-embedded {summary['reembedded']}, "
-                   f"failed {summary['failed']} in {summary['seconds']:.1f} s")
+        _echo_json(report.to_dict())
+        return
+    if model is not None:
+        resumed = f" ({report.resumed} more staged by an earlier run)" if report.resumed else ""
+        done = (f"switched the library to {report.model['spec']}" if report.switched
+                else f"the library already uses {report.model['spec']}")
+        click.echo(_printable(f"re-embedded {report.reembedded} image(s){resumed}; {done}"))
+    if report.dropped:
+        click.echo(_printable(f"forgot {report.dropped} row(s) whose files could not be read (listed in "
+                              f"{report.report_path})"))
+    for note in report.notes:
+        click.echo(_printable(f"note: {note}"))
+    click.echo(f"index {report.index}: {report.vectors} vectors in {report.seconds:.1f} s")
 
 
 @main.command()
@@ -323,7 +347,7 @@ def remove(obj: Context, paths: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("-k", "k", default=8, show_default=True, type=click.IntRange(1))
+@click.option("-k", "k", default=8, show_default=True, type=Count())
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where to write the contact sheet (default: the library folder).")
 @pass_ctx
@@ -331,33 +355,39 @@ def remove(obj: Context, paths: tuple[str, ...]) -> None:
 def demo(obj: Context, k: int, out_dir: str | None) -> None:
     """Ingest the shipped sample photos, query one that was held out, print the hits and write a
     contact sheet PNG. Works offline."""
+    from engine.views import hit_line
     from ingest.demo import run_demo
 
-    bar = _ProgressBar("demo ingest")
+    bar = _ProgressBar("demo ingest", waiting="loading the encoder and indexing the sample photos...")
     try:
         result = run_demo(obj.library(), k=k, out_dir=out_dir, progress=bar)
     finally:
         bar.close()
-    click.echo(f"indexed {result.indexed} sample photos ({result.report.added} new) into {result.home}")
+    click.echo(_printable(f"indexed {result.indexed} sample photos ({result.report.added} new) into {result.home}"))
     for res in result.queries:
         click.echo(_printable(f"query: {res.query}"))
         click.echo("rank  score   distance  path")
         for hit in res.hits:
-            click.echo(_format_hit(hit))
+            click.echo(hit_line(hit))
     click.echo(f"same-class hits in the top {k}: {result.same_class}/{result.total_hits}")
-    click.echo(f"contact sheet: {result.sheet}")
+    click.echo(_printable(f"contact sheet: {result.sheet}"))
+    click.echo(_printable(f"the library stays in {result.home}; search it with: engine --home {result.home} "
+                          "query PHOTO"))
 
 
 @main.command()
 @click.option("--repair", is_flag=True, help="Fix what can be fixed, saying what was done.")
+@click.option("--deep", is_flag=True,
+              help="Also read and hash every indexed file, to find content changed behind an unchanged size and "
+                   "mtime (reads every byte; with --repair, re-embeds those files).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def doctor(obj: Context, repair: bool, as_json: bool) -> None:
+def doctor(obj: Context, repair: bool, deep: bool, as_json: bool) -> None:
     """Check database against index against disk; with --repair, fix what can be fixed."""
     from ingest.doctor import check_library
 
-    report = check_library(obj.library(), repair=repair, on_wait=_waiting)
+    report = check_library(obj.library(), repair=repair, on_wait=_waiting, deep=deep)
     if as_json:
         _echo_json(report.to_dict())
     else:
@@ -385,28 +415,21 @@ def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
 
     results = run_bench(BenchConfig(n_vectors=n_vectors, data=data, quick=quick, device=obj.device))
     if out_path:
-        with open(out_path, "w") as fh:
-            json.dump(results, fh, indent=2, default=str)
+        with open(out_path, "wb") as fh:
+            fh.write(to_json_bytes(results, indent=2))
     if as_json:
         _echo_json(results)
     else:
         click.echo(format_bench(results))
 
 
-def _parse_ks(text: str) -> tuple[int, ...]:
-    try:
-        ks = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
-    except ValueError:
-        raise click.BadParameter("use comma-separated integers, e.g. 1,5,10") from None
-    if not ks or min(ks) < 1:
-        raise click.BadParameter("K values must be positive")
-    return ks
-
-
 @main.command("eval")
-@click.argument("dataset", type=click.Path(exists=True))
-@click.option("--model", "models", multiple=True, default=("pretrained",), show_default=True,
-              help="pretrained or a checkpoint; repeat to compare models side by side.")
+@click.argument("dataset", required=False, type=click.Path(exists=True))
+@click.option("--library", "of_library", is_flag=True,
+              help="Evaluate the current library instead: its stored vectors (nothing decoded), labelled by the "
+                   "indexed files' folder names.")
+@click.option("--model", "models", multiple=True,
+              help="pretrained (the default) or a checkpoint; repeat to compare models side by side.")
 @click.option("--protocol", default="loo", show_default=True, type=click.Choice(["loo", "split", "oneshot"]),
               help="loo: every image queries all others; split: per-class query/gallery split; "
                    "oneshot: one gallery image per class (N-way one-shot).")
@@ -414,42 +437,52 @@ def _parse_ks(text: str) -> tuple[int, ...]:
 @click.option("--max-per-class", default=None, type=click.IntRange(1), help="Cap images per class (seeded).")
 @click.option("--pairs", "n_pairs", default=5000, show_default=True, type=click.IntRange(2),
               help="Balanced pairs sampled for verification figures.")
-@click.option("--threshold", default=None, type=float, help="Distance threshold for verification (default: the model's).")
+@click.option("--threshold", default=None, type=Threshold(), help="Distance threshold for verification (default: the model's).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=None, type=click.IntRange(0))
+@click.option("--workers", default=None, type=click.IntRange(0), callback=cap_workers_option)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write plots, metrics.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Every figure as JSON, one object per model.")
 @pass_ctx
 @handle_errors
-def eval_(obj: Context, dataset: str, models: tuple[str, ...], protocol: str, ks: str, max_per_class: int | None,
-          n_pairs: int, threshold: float | None, batch_size: int, workers: int | None, seed: int, out_dir: str | None,
-          as_json: bool) -> None:
-    """Retrieval and verification metrics of one or more models on DATASET: a folder-per-class tree
-    or a pair CSV (img_a,img_b,label)."""
-    from engine.encoder import resolve_device
+def eval_(obj: Context, dataset: str | None, of_library: bool, models: tuple[str, ...], protocol: str, ks: str,
+          max_per_class: int | None, n_pairs: int, threshold: float | None, batch_size: int, workers: int | None,
+          seed: int, out_dir: str | None, as_json: bool) -> None:
+    """Retrieval and verification metrics of one or more models on DATASET (a folder-per-class tree
+    or a pair CSV img_a,img_b,label), or of the library itself with --library."""
     from engine.evaluate import EvalConfig, evaluate_models, format_table
 
+    if of_library == (dataset is not None):
+        raise click.UsageError("give a DATASET or --library (not both)")
+    if of_library and models:
+        raise click.UsageError("--library measures the library's own encoder; leave out --model")
     config = EvalConfig(protocol=protocol, ks=_parse_ks(ks), batch_size=batch_size, workers=workers,
                         max_per_class=max_per_class, n_pairs=n_pairs, seed=seed, threshold=threshold,
-                        device=str(resolve_device(obj.device)))
-    bar = _ProgressBar("embed", enabled=not as_json)
+                        device=obj.device)
+    bar = _ProgressBar("eval", unit="vectors" if of_library else "img", enabled=not as_json,
+                       waiting="loading the encoder...")
     try:
-        reports = evaluate_models(dataset, list(models), config, out_dir, progress=bar)
+        if of_library:
+            from engine.library_eval import evaluate_library
+
+            reports = [evaluate_library(obj.library(), config, out_dir, progress=bar)]
+        else:
+            reports = evaluate_models(dataset, list(models or ("pretrained",)), config, out_dir, progress=bar)
     finally:
         bar.close()
     if as_json:
         for report in reports:  # the same objects metrics.json lists under "reports"
             _echo_json(report.to_dict())
         return
-    click.echo(format_table(reports))
+    for line in format_table(reports).splitlines():  # class and model names come from the user's files
+        click.echo(_printable(line))
     worst = reports[0].per_class[:5]
     if worst:
-        click.echo("worst classes (" + reports[0].name + "): " +
-                   ", ".join(f"{row.get('class', row.get('label'))} {row.get('map@r') or 0:.3f}" for row in worst))
+        click.echo(_printable("worst classes (" + reports[0].name + "): " +
+                   ", ".join(f"{row.get('class', row.get('label'))} {row.get('map@r') or 0:.3f}" for row in worst)))
     if out_dir:
-        click.echo(f"report: {os.path.join(out_dir, 'report.md')}")
+        click.echo(_printable(f"report: {os.path.join(out_dir, 'report.md')}"))
 
 
 # Parameters of ``engine train`` that are its own; every other one names a TrainConfig field.
@@ -459,7 +492,8 @@ _TRAIN_OWN = frozenset({"data", "out_dir", "as_json", "resume"})
 def _train_config_options(command: click.Command) -> click.Command:
     """Check, when the command is defined, that each of its options other than ``_TRAIN_OWN`` is a
     TrainConfig field: a renamed field then fails on import (and in every test), never in a user's run."""
-    unknown = sorted(p.name or "" for p in command.params if p.name not in _TRAIN_OWN and p.name not in TRAIN_FIELDS)
+    unknown = sorted(p.name or "" for p in command.params
+                     if p.expose_value and p.name not in _TRAIN_OWN and p.name not in TRAIN_FIELDS)
     if unknown:
         raise TypeError(f"engine train options without a TrainConfig field: {', '.join(unknown)}")
     return command
@@ -480,15 +514,15 @@ def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
               help="cpu-quick: useful in <= 20 min on 2 CPU cores; gpu: the defaults.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None)
 @click.option("--miner", type=click.Choice(MINERS), default=None)
-@click.option("--margin", type=float, default=None, help="Loss margin on the L2 distance.")
+@click.option("--margin", type=Number(0), default=None, help="Loss margin on the L2 distance.")
 @click.option("--epochs", type=click.IntRange(0), default=None)
 @click.option("--batch-size", type=click.IntRange(2), default=None)
 @click.option("--classes-per-batch", type=click.IntRange(2), default=None, help="P of a P x K batch.")
 @click.option("--images-per-class", type=click.IntRange(2), default=None, help="K of a P x K batch.")
-@click.option("--lr", type=float, default=None, help="Head learning rate (Adam).")
-@click.option("--backbone-lr", type=float, default=None, help="Backbone learning rate (default lr/10).")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--lr", type=Number(0, open_min=True), default=None, help="Head learning rate (Adam).")
+@click.option("--backbone-lr", type=Number(0), default=None, help="Backbone learning rate (default lr/10).")
+@click.option("--weight-decay", type=Number(0), default=None)
+@click.option("--warmup-epochs", type=Number(0), default=None)
 @click.option("--dim", type=click.IntRange(2), default=None, help="Projection head size (default: backbone width).")
 @click.option("--backbone", default=None, help="Any timm model name (default tf_efficientnet_lite0).")
 @click.option("--pretrained/--no-pretrained", default=None, help="Start from ImageNet weights (default) or random.")
@@ -497,13 +531,13 @@ def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
 @click.option("--image-size", type=click.IntRange(16), default=None)
 @click.option("--freeze-epochs", type=click.IntRange(0), default=None, help="Keep the backbone frozen this long.")
 @click.option("--train-stages", type=click.IntRange(0), default=None, help="Train only the last N backbone stages.")
-@click.option("--val-classes", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+@click.option("--val-classes", type=Number(0, 1, open_min=True, open_max=True), default=None,
               help="Share of classes held out for validation (split by class, seeded).")
 @click.option("--val", default=None, type=click.Path(exists=True), help="A separate validation folder or pair CSV.")
 @click.option("--val-group-sep", default=None,
               help="Hold out class groups: classes whose names share the part before SEP (e.g. '__' for alphabets).")
 @click.option("--max-per-class", type=click.IntRange(2), default=None)
-@click.option("--workers", type=click.IntRange(0), default=None)
+@click.option("--workers", type=click.IntRange(0), default=None, callback=cap_workers_option)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -528,8 +562,8 @@ def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **
     click.echo(f"best epoch {result.best_epoch} ({result.select_metric}): {figures}")
     if result.threshold is not None:
         click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
-    click.echo(f"checkpoint: {result.checkpoint}")
-    click.echo(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)")
+    click.echo(_printable(f"checkpoint: {result.checkpoint}"))
+    click.echo(_printable(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)"))
 
 
 @main.command()
@@ -538,10 +572,10 @@ def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
 @click.option("--token", envvar="ENGINE_TOKEN", default=None,
               help="Require `Authorization: Bearer TOKEN` on every API request (default: $ENGINE_TOKEN).")
-@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=Number(0, open_min=True),
               help="Largest image file accepted, in MiB (refused while it is read).")
 @click.option("--workers", default=None, type=click.IntRange(1),
-              help="Inference threads (default: one per four cores, at most 4).")
+              help="Inference threads (default: one per core, at most 8).")
 @pass_ctx
 @handle_errors
 def serve(obj: Context, host: str, port: int, token: str | None, max_upload_mb: float, workers: int | None) -> None:

@@ -63,6 +63,7 @@ class LibraryPaths:
     index: Path = field(init=False)
     index_state: Path = field(init=False)
     encoder: Path = field(init=False)
+    encoder_pending: Path = field(init=False)  # the encoder a reindex is moving to, until it is switched in
     lock: Path = field(init=False)
     report: Path = field(init=False)
 
@@ -73,5 +74,6 @@ class LibraryPaths:
         object.__setattr__(self, "index", home / "index.faiss")
         object.__setattr__(self, "index_state", home / "index.json")
         object.__setattr__(self, "encoder", home / "encoder.pt")
+        object.__setattr__(self, "encoder_pending", home / "encoder.pending.pt")
         object.__setattr__(self, "lock", home / "write.lock")
         object.__setattr__(self, "report", home / "ingest-failures.tsv")

@@ -36,3 +36,9 @@ class DataError(EngineError):
 
 class LockError(EngineError):
     """Another process holds the library's write lock."""
+
+
+class ReadOnlyError(LockError):
+    """A command that changes a library was run on one opened read-only (a read-only folder or
+    medium, ``--read-only`` or ``$ENGINE_READ_ONLY``): its write lock is never granted, so code
+    that takes the lock only when it can (``wait=False``) passes over it as over a busy one."""

@@ -4,7 +4,13 @@
 ENGINE_FAULT=NAME:N kills this process with SIGKILL (exactly as ``kill -9``) the Nth time NAME is
 reached (N defaults to 1); ENGINE_FAULT_DELAY=SECONDS sleeps at every ``batch-committed`` (to widen
 the window in which another process can watch an ingest). The points are ``batch-embedded``,
-``commit`` (inside the database commit), ``batch-committed`` and ``index-replaced``.
+``commit`` (inside the database commit), ``batch-committed``, ``index-state-written`` (an index
+save has recorded the new file in ``index.json``, which has not yet replaced the old one) and
+``index-replaced`` (the new index file in place); in
+``engine reindex``, ``reindex-staged`` (a batch of new vectors committed beside the live ones),
+``reindex-before-switch``, ``reindex-switched`` (database switched, encoder file not yet renamed),
+``reindex-encoder-moved`` (renamed, index not yet rebuilt), ``reindex-index-built`` and
+``reindex-index-saved`` (a new index type saved, not yet recorded as the library's type).
 """
 
 from __future__ import annotations

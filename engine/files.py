@@ -111,3 +111,13 @@ def cap_per_class(labels: np.ndarray, max_per_class: int, seed: int = 0) -> np.n
             mine = np.sort(rng.choice(mine, max_per_class, replace=False))
         keep.append(mine)
     return np.sort(np.concatenate(keep)).astype(np.int64) if keep else np.zeros(0, np.int64)
+
+
+def nothing_found_message(roots: Sequence[str | os.PathLike], found: Discovery, suffixes: frozenset[str]) -> str:
+    """Why a walk that found no image file found none, as one line: the given paths that do not
+    exist, or the folders that hold no image (with the suffixes looked for)."""
+    if found.missing and len(found.missing) >= len(roots):
+        return "; ".join(f"{path}: {reason}" for path, reason in found.missing)
+    looked = ", ".join(sorted(s.lstrip(".") for s in suffixes))
+    where = ", ".join(os.fspath(r) for r in roots)
+    return f"no images found under {where} (looked for: {looked}; hidden files are skipped)"

@@ -17,8 +17,9 @@ def _size(path: str | os.PathLike) -> int | None:
 
 
 def describe_library(library: Library) -> dict[str, Any]:
-    """Counts, model, dimensions, index type and state, file paths and sizes (bytes), as a
-    JSON-ready dict. A home without a library gives only ``home`` and ``state``."""
+    """Counts, model, dimensions, index type and state, the indexed folders with their file counts
+    (``folders``: [{"folder", "files"}], by folder; counted in SQL), file paths and sizes (bytes),
+    as a JSON-ready dict. A home without a library gives only ``home`` and ``state``."""
     paths = library.paths
     facts: dict[str, Any] = {"home": str(paths.home)}
     if not library.exists():
@@ -35,6 +36,7 @@ def describe_library(library: Library) -> dict[str, Any]:
         "model": model.to_dict() if model is not None else None,
         "index_type": f"IDMap2,{library.index_config().factory}",
         "metric": "inner product on L2-normalised vectors (cosine)",
+        "folders": [{"folder": folder, "files": n} for folder, n in store.folder_counts()],
         "files": {
             "database": library.database_url or str(paths.database),
             "database_bytes": _size(paths.database),

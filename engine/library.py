@@ -13,19 +13,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from db.store import MetadataStore, StoreError
+from db.store import DatabaseDamagedError, MetadataStore, StoreError, StoreURLError
 from engine.atomic import write_atomic
 from engine.config import IndexConfig, LibraryPaths, default_home
-from engine.errors import CorruptFileError, IndexMissingError, LockError, ModelError, ModelMismatchError
+from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelError, ModelMismatchError
 from engine.faults import fault_armed, fault_point
-from engine.index import VectorIndex
+from engine.home_files import LibraryFiles, read_only_reason
+from engine.index import IndexFileError, IndexFileInfo, VectorIndex, file_identity
+from engine.model_switch import ModelInfo, ModelSwitching, describe_model
 
 if TYPE_CHECKING:  # torch: imported only by the methods that build an encoder
     from engine.encoder import Encoder
@@ -56,32 +59,36 @@ def stale_temp_files(home: Path) -> list[Path]:
     return found
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """The encoder a library was built with, as remembered in its database."""
-
-    spec: str
-    identity: str
-    backbone: str
-    dim: int
-    input_size: tuple[int, ...]
-    weights_source: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "identity": self.identity, "backbone": self.backbone, "dim": self.dim,
-                "input_size": list(self.input_size), "weights_source": self.weights_source}
+def _check_list_count(factory: str, vectors: int) -> None:
+    """Refuse an inverted-file type with more lists than there are vectors to train it on, with the
+    reason and a count that would do (FAISS's own message names neither)."""
+    match = re.search(r"(?:^|,)IVF(\d+)", factory)
+    if match and int(match.group(1)) > vectors:
+        lists = int(match.group(1))
+        fits = factory[:match.start(1)] + str(max(1, int(math.sqrt(vectors)))) + factory[match.end(1):]
+        raise EngineError(f"index type {factory!r} needs at least {lists} vectors to train its {lists} lists and the "
+                          f"library has {vectors}: keep Flat until it is larger, or use about the square root of the "
+                          f"number of vectors ({fits!r})")
 
 
-class Library:
+class Library(LibraryFiles, ModelSwitching):
     """Open a library in ``home`` (default: ``$ENGINE_HOME``, see ``default_home``), created on first
     write. ``database_url`` overrides the default SQLite file with any SQLAlchemy URL; without one,
-    ``$ENGINE_DATABASE_URL`` is used when set."""
+    ``$ENGINE_DATABASE_URL`` is used when set.
+
+    read_only: True opens it for searching only (nothing in the home is written; every command
+    that would change it raises ReadOnlyError); None (default) does so when ``$ENGINE_READ_ONLY``
+    is set or the home folder or database file is not writable (a mounted backup, a shared
+    folder). A read-only SQLite database is opened ``immutable`` unless its ``-wal`` and ``-shm``
+    files are both there (see ``db.store``)."""
 
     def __init__(self, home: str | os.PathLike | None = None, *, device: str = "auto",
-                 database_url: str | None = None):
-        self.paths = LibraryPaths(Path(home) if home else default_home())
+                 database_url: str | None = None, read_only: bool | None = None):
+        self.paths = LibraryPaths(Path(home).expanduser() if home else default_home())
         self.device = device
         self.database_url = database_url or os.environ.get(DATABASE_URL_ENV) or None
+        self.read_only_reason = read_only_reason(self.paths.home, None if self.database_url else self.paths.database,
+                                                 read_only)
         self._store: MetadataStore | None = None
         self._encoder: Encoder | None = None
         self._lock_depth = 0
@@ -91,13 +98,18 @@ class Library:
     def store(self) -> MetadataStore:
         """The MetadataStore, opened on first use (creating the home folder).
 
-        A damaged database raises CorruptFileError naming the file, both here and from any later
-        read; it is never overwritten."""
+        A damaged database raises CorruptFileError naming the file (and the journal files that
+        belong with it), both here and from any later read; it is never overwritten."""
         if self._store is None:
-            self.paths.home.mkdir(parents=True, exist_ok=True)
+            if not self.read_only and self.database_url is None:  # the SQLite file lives in the home
+                self.paths.home.mkdir(parents=True, exist_ok=True)
             url = self.database_url or f"sqlite:///{self.paths.database}"
             try:
-                store = MetadataStore(url, on_corrupt=self._corrupt_database)
+                store = MetadataStore(url, on_corrupt=self._corrupt_database, read_only=self.read_only)
+            except DatabaseDamagedError as exc:
+                raise self._corrupt_database(str(exc)) from None
+            except StoreURLError as exc:  # a setup mistake, not damage: no doctor advice
+                raise EngineError(str(exc)) from None
             except StoreError as exc:
                 raise CorruptFileError(f"{exc} (`engine doctor` checks the whole library)") from None
             if fault_armed("commit"):  # a listener on every commit only when a crash test asks
@@ -105,11 +117,8 @@ class Library:
             self._store = store
         return self._store
 
-    @staticmethod
-    def _corrupt_database(message: str) -> CorruptFileError:
-        return CorruptFileError(f"{message}; it cannot be repaired automatically and is left untouched: restore a "
-                                "backup, or move it aside and run `engine ingest PATH` again "
-                                "(`engine doctor` checks the whole library)")
+    def _corrupt_database(self, message: str) -> CorruptFileError:
+        return CorruptFileError(f"{message}; {self.database_advice()}")
 
     def exists(self) -> bool:
         """True when this home holds a library that has a model (something was ingested or set up)."""
@@ -135,16 +144,27 @@ class Library:
             info = self.model_info()
             if info is None:
                 raise IndexMissingError(f"no library in {self.paths.home} yet; run `engine ingest PATH` first")
+            device = resolve_device(self.device)
+            encoder: Encoder | None = None
+            problem: EngineError
             if not self.paths.encoder.exists():
-                raise CorruptFileError(f"the library's encoder file {self.paths.encoder} is missing; "
-                                       "run `engine doctor --repair` to restore it")
-            try:
-                encoder = load_checkpoint(self.paths.encoder, resolve_device(self.device))
-            except ModelError as exc:
-                raise CorruptFileError(f"{exc}; run `engine doctor --repair` to restore the library's encoder") from None
-            if encoder.identity() != info.identity:  # queries would be compared with another model's vectors
-                raise ModelMismatchError(f"encoder file {self.paths.encoder} is not the encoder this library's vectors "
-                                         f"were made with ({info.spec}); run `engine doctor --repair`")
+                problem = CorruptFileError(f"the library's encoder file {self.paths.encoder} is missing; "
+                                           "run `engine doctor --repair` to restore it")
+            else:
+                try:
+                    encoder = load_checkpoint(self.paths.encoder, device)
+                except ModelError as exc:
+                    problem = CorruptFileError(f"{exc}; run `engine doctor --repair` to restore the library's encoder")
+                else:
+                    if encoder.identity() != info.identity:  # queries would be compared with another model's vectors
+                        encoder = None
+                        problem = ModelMismatchError(
+                            f"encoder file {self.paths.encoder} is not the encoder this library's vectors were made "
+                            f"with ({info.spec}); run `engine doctor --repair`")
+            if encoder is None:
+                encoder = self._switched_encoder(info, device)
+                if encoder is None:
+                    raise problem
             self._encoder = encoder
         return self._encoder
 
@@ -153,20 +173,25 @@ class Library:
         (after something replaced that file)."""
         self._encoder = None
 
-    def set_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None,
-                  index_factory: str | None = None) -> Encoder:
-        """Give a new library its encoder (``pretrained`` or a checkpoint path), saved into its home.
-        Returns the encoder. Does not touch existing vectors: ``reindex`` does that."""
-        from engine.checkpoint import save_checkpoint
+    def load_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None) -> Encoder:
+        """Build the encoder ``spec`` names (``pretrained`` or a checkpoint path) on this library's
+        device, writing nothing: a model that cannot be built leaves no trace. Raises ModelError."""
         from engine.encoder import load_encoder, resolve_device
 
-        encoder = load_encoder(spec, resolve_device(self.device), backbone=backbone, weights=weights)
+        return load_encoder(spec, resolve_device(self.device), backbone=backbone, weights=weights)
+
+    def set_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None,
+                  index_factory: str | None = None, encoder: Encoder | None = None) -> Encoder:
+        """Give a new library its encoder (``pretrained`` or a checkpoint path), saved into its home.
+        encoder: the one ``load_model(spec)`` already built, if any. Returns the encoder. Does not
+        touch existing vectors: ``reindex`` does that."""
+        from engine.checkpoint import save_checkpoint
+
+        if encoder is None:
+            encoder = self.load_model(spec, backbone=backbone, weights=weights)
         self.paths.home.mkdir(parents=True, exist_ok=True)
         save_checkpoint(encoder, self.paths.encoder)
-        info = ModelInfo(spec=spec if spec == "pretrained" else os.path.abspath(spec), identity=encoder.identity(),
-                         backbone=encoder.config.backbone, dim=encoder.dim,
-                         input_size=tuple(encoder.data_config["input_size"]),
-                         weights_source=encoder.metadata.get("weights_source"))
+        info = describe_model(spec, encoder)
         self.store.set_meta("model", info.to_dict())
         if index_factory is not None or self.store.get_meta("index_factory") is None:
             self.store.set_meta("index_factory", index_factory or "Flat")
@@ -200,22 +225,16 @@ class Library:
                 f"use that model, or `engine reindex --model {spec}` to re-embed it")
 
     # -- index ---------------------------------------------------------------------------------
-    def _read_state(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.paths.index_state.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def index_is_current(self, index: VectorIndex) -> bool:
-        """True when the state file beside the index records the database's current generation and
-        ``index``'s size: the index file was saved after the last database write."""
+    def index_holds_current_vectors(self) -> bool:
+        """False when the index file was built from the vectors of an earlier encoder (a reindex
+        switched the stored vectors and stopped before saving the new index): such an index has the
+        same ids as the stored vectors, so reconciling by id cannot mend it; it is rebuilt. A state
+        file written before epochs were recorded counts as epoch 0."""
         state = self._read_state()
-        return state.get("generation") == self.store.generation() and state.get("ntotal") == index.ntotal
-
-    def read_index(self) -> VectorIndex:
-        """The index file as it is on disk, not reconciled. Raises CorruptFileError when it is
-        unreadable (a missing file included)."""
-        return VectorIndex.load(self.paths.index, self.index_config().factory)
+        if state.get("epoch", 0) != self.store.embeddings_epoch():
+            return False
+        info = self.model_info()
+        return info is None or state.get("model", info.identity) == info.identity
 
     def open_index(self, *, required: bool = True) -> VectorIndex | None:
         """The index, reconciled with the database when its recorded generation is stale.
@@ -227,24 +246,47 @@ class Library:
             if required:
                 raise IndexMissingError(f"no index in {self.paths.home} yet; run `engine ingest PATH` first")
             return None
-        if self.paths.index.exists():
-            index = self.read_index()
-            if index.dim != info.dim:
-                raise CorruptFileError(f"index file {self.paths.index} has dimension {index.dim}, the library's "
-                                       f"encoder {info.dim}; run `engine doctor --repair`")
-            if not self.index_is_current(index):
-                self.reconcile(index)
-        else:
-            generation = self.store.generation()
-            index = self.rebuild_index(save=False)
-            try:  # a reader saves the rebuilt index only while no writer is at work
-                with self.write_lock(wait=False):
-                    if not self.paths.index.exists():
-                        self.save_index(index, generation=generation)
-            except (LockError, OSError):
-                pass
+        index: VectorIndex | None = None
+        trouble: IndexFileError | None = None
+        if self.paths.index.exists() and not self.index_holds_current_vectors():
+            log.info("the index file holds the vectors of an earlier encoder; rebuilding it from stored embeddings")
+        elif self.paths.index.exists():
+            try:  # a damaged, foreign or unverifiable file is derived data: rebuilt, never trusted
+                index = self.read_index()
+            except IndexFileError as exc:
+                if exc.code != "index-missing":
+                    (log.info if exc.code == "index-unverified" else log.warning)(
+                        "%s; searching an index rebuilt from the stored embeddings", str(exc).split("; ")[0])
+                    trouble = exc
+            else:
+                if not self.index_is_current(index):
+                    self.reconcile(index)
+        if index is None:
+            index = self._rebuild_and_save_if_free(trouble)
         if required and index.ntotal == 0 and self.store.count() == 0:
             raise IndexMissingError(f"the library in {self.paths.home} is empty; run `engine ingest PATH` first")
+        return index
+
+    def _rebuild_and_save_if_free(self, trouble: IndexFileError | None = None) -> VectorIndex:
+        """The index rebuilt from stored embeddings; saved when no writer is at work, the home is
+        writable and the file on disk is still missing, of earlier vectors, or the one ``trouble``
+        was found in (a damaged or foreign one is first set aside; a reader never waits for the
+        lock, and leaves a file a writer replaced meanwhile to that writer)."""
+        generation, epoch = self.store.generation(), self.store.embeddings_epoch()  # taken first: see save_index
+        index = self.rebuild_index(save=False)
+        if self.read_only:
+            return index
+        try:
+            with self.write_lock(wait=False):
+                on_disk = file_identity(self.paths.index)
+                if trouble is not None and on_disk is not None and on_disk == trouble.identity:
+                    if trouble.code != "index-unverified":
+                        log.warning("the unusable index file was set aside to %s", self.set_aside_index())
+                    self.save_index(index, generation=generation, epoch=epoch)
+                elif on_disk is None or not self.index_holds_current_vectors():
+                    self.save_index(index, generation=generation, epoch=epoch)
+        except (LockError, OSError):
+            pass
         return index
 
     def reconcile(self, index: VectorIndex) -> tuple[int, int]:
@@ -270,51 +312,99 @@ class Library:
         return len(missing), len(extra)
 
     def rebuild_index(self, factory: str | None = None, *, save: bool = True) -> VectorIndex:
-        """A fresh index from stored embeddings alone (no image is decoded). Raises EngineError when
-        an IVF/PQ type cannot be trained on the vectors there are."""
-        info = self.model_info()
-        if info is None:
-            raise IndexMissingError(f"no library in {self.paths.home} yet")
-        factory = factory or self.index_config().factory
-        generation = self.store.generation()  # taken first: the index holds at least this much
-        index = VectorIndex.build(info.dim, factory)
-        if not index.is_trained:
-            # the first 100k stored vectors train the quantiser; only that slice is read for it
-            first = next(self.store.iter_embeddings(info.dim, batch=100000), None)
-            if first is None or len(first[1]) == 0:
-                index = VectorIndex.build(info.dim, "Flat")  # nothing to train on yet
-            else:
-                index.train(first[1])
-        for ids, vectors in self.store.iter_embeddings(info.dim):
-            index.add(vectors, ids)
+        """A fresh index from stored embeddings alone (no image is decoded).
+
+        factory: an explicit type, built strictly (EngineError when it cannot be built or trained
+        on the stored vectors; see ``build_index``). Without one, the stored type is used, and an
+        index that cannot be made of it (too few vectors to train, a type this FAISS lacks) falls
+        back to exact ``Flat`` with a warning: a derived file never makes the library unusable."""
+        if factory is None:
+            factory = self.index_config().factory
+            strict = False
+        else:
+            strict = True
+        generation, epoch = self.store.generation(), self.store.embeddings_epoch()  # taken first: see save_index
+        try:
+            index = self.build_index(factory)
+        except EngineError as exc:
+            if strict or factory == "Flat":
+                raise
+            log.warning("%s; using an exact Flat index until `engine reindex --index-type` is run", exc)
+            index = self.build_index("Flat")
         if save:
-            self.save_index(index, generation=generation)
+            self.save_index(index, generation=generation, epoch=epoch)
         return index
 
-    def save_index(self, index: VectorIndex, *, generation: int | None = None) -> None:
-        """Save the index, then record the database generation it reflects (both atomically).
+    def build_index(self, factory: str, *, pending: bool = False, sample: int = 100000, seed: int = 0) -> VectorIndex:
+        """A new index of type ``factory`` holding every stored vector (with ``pending``: every
+        vector staged by a reindex, made by ``self.pending_model()``), trained first, for IVF/PQ
+        types, on a seeded random sample of at most ``sample`` of them. Nothing is saved.
 
-        generation: the one the index reflects when it was built from an earlier read (default: the
-        current one, right for a writer holding the write lock). Recording an older generation is
-        always safe: the next open just reconciles by id. Temporary files left by a writer that
-        died mid-save are deleted."""
+        Raises EngineError, having changed nothing, when the type cannot be built for this
+        dimension or cannot be trained on the vectors there are (with the reason: too few vectors
+        for the number of lists, or for a product quantiser's codebooks)."""
+        info = self.pending_model() if pending else self.model_info()
+        if info is None:
+            raise IndexMissingError(f"no library in {self.paths.home} yet")
+        store = self.store
+        index = VectorIndex.build(info.dim, factory)
+        ids = store.pending_ids() if pending else store.embedding_ids()
+        read = store.get_pending if pending else store.get_embeddings
+        if not index.is_trained:
+            if not len(ids):
+                return VectorIndex.build(info.dim, "Flat")  # nothing to train on yet: exact until there is
+            _check_list_count(factory, len(ids))
+            chosen = np.sort(np.random.default_rng(seed).choice(ids, size=min(sample, len(ids)), replace=False))
+            index.train(read(chosen, info.dim)[1])
+        try:
+            for start in range(0, len(ids), 20000):
+                got, vectors = read(ids[start:start + 20000], info.dim)
+                index.add(vectors, got)
+            if index.ntotal:  # a type that builds and trains but cannot answer is refused here, not by a query
+                index.search(vectors[:1], 1)
+        except RuntimeError as exc:
+            raise EngineError(f"index type {factory!r} cannot be used: {str(exc).splitlines()[0]}") from None
+        return index
+
+    def save_index(self, index: VectorIndex, *, generation: int | None = None, epoch: int | None = None) -> None:
+        """Save the index with a record of the database generation, the embeddings epoch and the
+        encoder identity it reflects, and of the file itself (size, mtime, checksum: only a file
+        matching it is ever read back). Both files are written atomically, the record first; it
+        keeps the record of the file it replaces, so a crash in between leaves both consistent.
+
+        generation, epoch: the ones the index reflects when it was built from an earlier read
+        (default: the current ones, right for a writer holding the write lock). Recording an older
+        generation is always safe: the next open just reconciles by id; an older epoch makes the
+        next open rebuild it. Temporary files left by a writer that died mid-save are deleted."""
+        self.require_writable()
         self.paths.home.mkdir(parents=True, exist_ok=True)
         if generation is None:
             generation = self.store.generation()
+        if epoch is None:
+            epoch = self.store.embeddings_epoch()
+        info = self.model_info()
         for stale in stale_temp_files(self.paths.home):
             with contextlib.suppress(OSError):
                 stale.unlink()
-        index.save(self.paths.index)
+        state = {"generation": generation, "ntotal": index.ntotal, "factory": index.factory, "epoch": epoch,
+                 "model": info.identity if info is not None else None}
+        previous = self._read_state()  # the record of the file on disk, which stays valid until it is replaced
+
+        def record(saved: IndexFileInfo) -> None:  # before the new file replaces the old one: see home_files
+            write_atomic(self.paths.index_state, json.dumps(dict(state, file=saved.to_dict(), previous=previous or None)))
+            fault_point("index-state-written")
+
+        index.save(self.paths.index, before_replace=record)
         fault_point("index-replaced")
-        state = {"generation": generation, "ntotal": index.ntotal, "factory": index.factory}
-        write_atomic(self.paths.index_state, json.dumps(state))
 
     # -- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def write_lock(self, on_wait: Callable[[], None] | None = None, *, wait: bool = True) -> Iterator[None]:
         """Hold the library's write lock: a second writer waits (after calling ``on_wait``) or, with
         wait=False, gets LockError. Readers never take it. Re-entrant within one Library object
-        (``engine doctor --repair`` re-ingests changed files while holding it)."""
+        (``engine doctor --repair`` re-ingests changed files while holding it). Raises
+        ReadOnlyError, before touching anything, when the library is opened read-only."""
+        self.require_writable()
         if self._lock_depth:
             self._lock_depth += 1
             try:

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.errors import ImageError
-from engine.preprocess import ImageInfo, build_transform, draft_size_for, open_image
+from engine.preprocess import IN_MEMORY_FILE_BYTES, ImageInfo, build_transform, draft_size_for, open_image
+from engine.resources import cap_workers
 
 
 @dataclass
@@ -49,6 +50,16 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
 
 
+def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """``hash_bytes`` of a file's bytes, read in ``chunk``-byte pieces (bounded memory). Raises
+    OSError when the file cannot be read."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class ImageFileDataset(Dataset):
     """Files -> ``Decoded`` items. with_facts=True also hashes the bytes and keeps size, mtime and
     image facts (what ingest stores); otherwise only the tensor is made."""
@@ -72,10 +83,17 @@ class ImageFileDataset(Dataset):
                 if not stat.S_ISREG(st.st_mode):  # a fifo would block the read, a device never end it
                     raise ImageError("is a directory, not an image" if stat.S_ISDIR(st.st_mode) else "not a regular file")
                 item.size, item.mtime = st.st_size, st.st_mtime
-                with open(path, "rb") as fh:
-                    data = fh.read()
-                item.content_hash = hash_bytes(data)
-                image, item.info = open_image(data, draft_size=self.draft_size)
+                if st.st_size <= IN_MEMORY_FILE_BYTES:  # hash and decode the very same bytes
+                    with open(path, "rb") as fh:
+                        data = fh.read()
+                    item.content_hash = hash_bytes(data)
+                    image, item.info = open_image(data, draft_size=self.draft_size)
+                else:  # a big file is not held in memory beside its decoded pixels
+                    item.content_hash = hash_file(path)
+                    image, item.info = open_image(path, draft_size=self.draft_size)
+                    after = os.stat(path)
+                    if (after.st_size, after.st_mtime) != (st.st_size, st.st_mtime):
+                        raise ImageError("file changed while it was read")
             else:
                 image, item.info = open_image(path, draft_size=self.draft_size)
             item.tensor = self.transform(image)
@@ -105,15 +123,18 @@ def collate_decoded(items: list[Decoded]) -> Batch:
 
 
 def default_workers() -> int:
-    """Decode processes that leave the model most of the cores: one per four cores, at least one."""
-    return max(1, (os.cpu_count() or 2) // 4)
+    """Decode processes that leave the model most of the cores: one per four cores, at least one,
+    and never more than the machine holds (``engine.resources.worker_limit``)."""
+    return cap_workers(max(1, (os.cpu_count() or 2) // 4))[0]
 
 
 def decode_batches(dataset: Dataset, batch_size: int = 32, workers: int | None = None) -> Iterator[Batch]:
     """Yield ``Batch``es over ``dataset`` in file order, decoded by ``workers`` processes
-    (None = ``default_workers()``; 0 = in-process). A dataset that fits in one batch is decoded
-    in-process: starting workers would cost more than they save."""
-    workers = default_workers() if workers is None else workers
+    (None = ``default_workers()``; 0 = in-process), capped at what the machine holds
+    (``engine.resources.cap_workers``: cores, and memory at DECODE_BUDGET_BYTES a worker). A
+    dataset that fits in one batch is decoded in-process: starting workers would cost more than
+    they save."""
+    workers = default_workers() if workers is None else cap_workers(workers)[0]
     if len(dataset) <= batch_size:
         workers = 0
     kwargs: dict[str, Any] = {}

@@ -252,3 +252,47 @@ def plot_pairs(pairs: Sequence[tuple[str, str]], distances: Sequence[float], lab
                      fontsize=8, color="black" if ok else _WRONG)
     fig.suptitle(title or f"Pairs at threshold {threshold:.3f} (red: wrong verdict)")
     return save_figure(fig, path)
+
+
+def sheet_pages(path, pages: int) -> list[Path]:
+    """The files a sheet of ``pages`` pages is written to: ``path`` itself, then ``NAME-2.png``,
+    ``NAME-3.png`` ... beside it."""
+    path = Path(path)
+    return [path] + [path.with_name(f"{path.stem}-{n}{path.suffix or '.png'}") for n in range(2, pages + 1)]
+
+
+def plot_tile_rows(blocks: Sequence[Sequence[tuple[str, str, str | None]]], path, *, title: str,
+                   per_row: int = 8, lines_per_page: int = 20) -> list[Path]:
+    """A contact sheet of image blocks: each block (a query and its hits, a group of duplicates)
+    starts a new line and wraps after ``per_row`` tiles. A tile is (image path, caption above,
+    frame colour or None); its file name is written under it. Blocks never split across pages;
+    a sheet longer than ``lines_per_page`` lines goes on several pages (see ``sheet_pages``).
+    Returns the PNG paths written."""
+    lines_of = [max(1, math.ceil(len(block) / per_row)) for block in blocks]
+    pages: list[list[int]] = [[]]
+    used = 0
+    for n, lines in enumerate(lines_of):
+        if pages[-1] and used + lines > lines_per_page:
+            pages.append([])
+            used = 0
+        pages[-1].append(n)
+        used += lines
+    targets = sheet_pages(path, len(pages))
+    cols = max(1, min(per_row, max((len(b) for b in blocks), default=1)))
+    for page_no, (members, target) in enumerate(zip(pages, targets), start=1):
+        rows = max(1, sum(lines_of[n] for n in members))
+        fig = new_figure(1.9 * cols, 2.1 * rows + 0.5)
+        line = 0
+        for n in members:
+            for t, (image, caption, colour) in enumerate(blocks[n]):
+                r, c = divmod(t, per_row)
+                ax = fig.add_subplot(rows, cols, (line + r) * cols + c + 1)
+                ax.imshow(_thumbnail(image))
+                _frame(ax, colour)
+                ax.set_title(caption, fontsize=8)
+                ax.set_xlabel(Path(image).name[:28], fontsize=7)
+            line += lines_of[n]
+        suffix = f" (page {page_no} of {len(pages)})" if len(pages) > 1 else ""
+        fig.suptitle(title + suffix)
+        save_figure(fig, target)
+    return targets

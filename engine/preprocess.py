@@ -1,15 +1,23 @@
 """The one preprocessing path shared by training, ingest and query.
 
 ``open_image`` decodes any file Pillow reads into an RGB image (EXIF orientation applied, alpha
-composited onto white, 16-bit and CMYK scaled to 8-bit RGB, large JPEGs reduced at decode time);
-``build_transform`` turns an encoder's timm data config into the tensor transform;
+composited onto white, 16-bit and CMYK scaled to 8-bit RGB, large images reduced while they are
+decoded); ``build_transform`` turns an encoder's timm data config into the tensor transform;
 ``engine.loader`` applies the two to files in batches.
+
+Memory: an image over ``MAX_PIXELS`` is refused before any pixel is decoded (the one
+decompression-bomb limit, used by every reader: ingest, query, train, eval and the service). Below
+it, decoding any image stays within ``DECODE_BUDGET_BYTES``: JPEGs are reduced by the decoder itself
+(``draft_size``); other formats are decoded once (at most 4 bytes a pixel in any mode Pillow decodes
+to) and then converted, composited onto white and reduced strip by strip into the result, never
+copied at full size.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,11 +25,32 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from engine.errors import ImageError
 
 Source = Union[str, Path, bytes, BinaryIO]
+
+# The decompression-bomb limit: an image of more pixels (width x height) than this is refused with
+# its size, before it is decoded. Pillow's own check is tied to it (it warns above, errors above twice).
+MAX_PIXELS = 180_000_000
+# The most memory decoding one image takes (bytes, on top of the process itself), whatever the image:
+# the full decode of an image at MAX_PIXELS (4 bytes a pixel at most, 720 MB), the RGB result (Pillow
+# keeps 4 bytes a pixel: 720 MB more when nothing can be reduced, a quarter of that or less with a draft
+# size), the strips converted on the way and, with ingest, the file's bytes (IN_MEMORY_FILE_BYTES at
+# most): about 1.4 GiB at worst. engine.resources caps the decode worker count by it.
+DECODE_BUDGET_BYTES = 3 << 29  # 1.5 GiB
+# Files up to this size are read once into memory, hashed and decoded from the same bytes; larger ones are
+# hashed in chunks and decoded from disk (engine.loader).
+IN_MEMORY_FILE_BYTES = 64 << 20
+# Pixels converted at a time when an image is composited and reduced strip by strip.
+_STRIP_PIXELS = 1 << 22
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 # Suffixes (lower case) that ingest and query treat as images.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -86,37 +115,97 @@ def _exif_fields(img: Image.Image) -> tuple[datetime | None, str | None]:
     return taken, camera or None
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # malformed EXIF must never make a readable image fail
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _intensity_top(img: Image.Image) -> float | None:
+    """The value that maps to 255 for 16- and 32-bit single-channel modes (None for the others):
+    65535 for I;16, else the image's maximum (or 255 when it already fits 8 bits)."""
+    mode = img.mode
+    if mode.startswith("I;16"):
+        return 65535.0
+    if mode in ("I", "F"):
+        low, high = img.getextrema()
+        if high <= 255 and low >= 0:
+            return 255.0
+        return float(max(high, 1.0))
+    return None
+
+
+def _to_rgb(img: Image.Image, top: float | None = None) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited onto white (in place, on the one
+    new RGB image). top: what maps to 255 in 16/32-bit single-channel modes (see _intensity_top)."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Pillow's own I;16 -> L conversion clips at 255; scale the real range instead.
+        top = top if top is not None else _intensity_top(img)
         arr = np.asarray(img, dtype=np.float32)
-        top = 65535.0 if mode.startswith("I;16") else float(max(arr.max(), 1.0))
-        if mode in ("I", "F") and arr.max() <= 255.0 and arr.min() >= 0:
-            top = 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        arr = np.clip(arr * (255.0 / float(top or 255.0)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+    if mode == "P" and "transparency" in img.info or mode == "PA":
         img = img.convert("RGBA")
         mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode in ("RGBa", "La"):  # premultiplied alpha
+        img = img.convert("RGBA" if mode == "RGBa" else "LA")
+        mode = img.mode
+    if mode in ("RGBA", "LA"):
+        canvas = Image.new("RGB", img.size, (255, 255, 255))
+        canvas.paste(img, (0, 0), img)  # "over" onto white: the alpha band is the mask
+        return canvas
     return img.convert("RGB")
+
+
+def _rgb_reduced(img: Image.Image, factor: int) -> Image.Image:
+    """``img`` (loaded) as RGB, reduced by ``factor`` (box average) when factor > 1, converted strip
+    by strip so that no full-size copy of it is ever made."""
+    if img.mode == "RGB":
+        return img.reduce(factor) if factor > 1 else img
+    width, height = img.size
+    top = _intensity_top(img)
+    rows = max(factor, (_STRIP_PIXELS // max(width, 1)) // factor * factor)
+    if rows >= height and factor == 1:
+        return _to_rgb(img, top)
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for y in range(0, height, rows):
+        strip = _to_rgb(img.crop((0, y, width, min(height, y + rows))), top)
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, y // factor))
+    return out
+
+
+def _pixel_limit() -> int:
+    """MAX_PIXELS, or Pillow's limit when something lowered it below that."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return min(MAX_PIXELS, int(pillow)) if pillow else MAX_PIXELS
+
+
+def _megapixels(pixels: float) -> str:
+    return f"{pixels / 1e6:.0f} MP" if pixels >= 1e6 else f"{int(pixels)} pixels"
+
+
+def _check_pixels(width: int, height: int) -> None:
+    limit = _pixel_limit()
+    if width * height > limit:
+        raise ImageError(f"decompression bomb refused: image is {width}x{height} ({_megapixels(width * height)}), "
+                         f"over the {_megapixels(limit)} limit; not decoded")
 
 
 def open_image(source: Source, *, draft_size: int | None = None) -> tuple[Image.Image, ImageInfo]:
     """Decode ``source`` (a path, bytes or a binary file) into an RGB image and its facts.
 
-    draft_size: the smallest side the caller needs. JPEGs are then decoded at the largest DCT
-    reduction (1/2, 1/4, 1/8) that still keeps both sides at least this large, which is several
-    times faster for camera photos and changes nothing for small images.
+    draft_size: the smallest side the caller needs. The image is then reduced while it is decoded:
+    JPEGs at the largest DCT reduction (1/2 .. 1/8) that keeps both sides at least this large, other
+    formats by the largest whole factor that keeps them at least twice as large. Small images are
+    unchanged. Decoding stays within DECODE_BUDGET_BYTES (see the module notes).
 
-    Raises ImageError with a one-line reason for anything that is not a readable image.
+    Raises ImageError with a one-line reason for anything that is not a readable image, and for an
+    image of more than MAX_PIXELS pixels.
     """
     if isinstance(source, bytes):
         if not source:
@@ -135,20 +224,29 @@ def open_image(source: Source, *, draft_size: int | None = None) -> tuple[Image.
         fp = source
     try:
         with warnings.catch_warnings():
-            # Between Pillow's limit and twice it Pillow only warns; big panoramas are legitimate.
+            # Pillow warns between its limit (MAX_PIXELS) and twice it; _check_pixels refuses there.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
             img.seek(0)  # animated images: the first frame
             width, height = img.size
+            _check_pixels(width, height)
             fmt = img.format
             taken, camera = _exif_fields(img)
+            orientation = _orientation(img)
             if draft_size and fmt == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"decompression bomb refused: {exc}") from None
+            factor = 1
+            if draft_size:
+                factor = max(1, min(img.size) // (2 * draft_size))
+            img = _rgb_reduced(img, factor)
+            if orientation in _TRANSPOSE:
+                img = img.transpose(_TRANSPOSE[orientation])
+    except Image.DecompressionBombError as exc:  # Pillow's own check, at twice the limit, came first
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({_megapixels(int(found.group(1)))})" if found else ""
+        raise ImageError(f"decompression bomb refused: image{size} over the {_megapixels(_pixel_limit())} limit; "
+                         "not decoded") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:

@@ -10,6 +10,10 @@ a test, a notebook) decides how to show it.
 A call that runs several phases one after another (training: feature caching, then one phase per
 epoch) starts each phase with ``fn(0, total)``, so a consumer can tell phases apart by ``done``
 returning to 0.
+
+``fn(0, None)`` before any count says "the slow part begins" (loading an encoder, opening an
+index): a call makes it once its input has been checked, so a consumer can say what is happening
+at once, while a mistake in the input stays a one-line error.
 """
 
 from __future__ import annotations

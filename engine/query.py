@@ -19,6 +19,8 @@ from engine.preprocess import image_suffixes
 
 if TYPE_CHECKING:
     from db.store import ImageRecord
+    from engine.filters import HitFilter
+    from engine.progress import ProgressFn
     from engine.encoder import Encoder
     from engine.library import Library
 
@@ -31,7 +33,8 @@ def score_to_distance(score: float) -> float:
 @dataclass(frozen=True)
 class Hit:
     """One neighbour: rank from 1, its row id, path, cosine score and L2 distance, its database
-    record, and (when a threshold was given) whether the distance counts as similar."""
+    record, (when a threshold was given) whether the distance counts as similar, and the paths of
+    byte-identical copies of it (aliases)."""
 
     rank: int
     id: int
@@ -40,6 +43,7 @@ class Hit:
     distance: float
     record: ImageRecord
     similar: bool | None = None
+    aliases: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out = {"rank": self.rank, "id": self.id, "path": self.path, "score": round(self.score, 6),
@@ -49,6 +53,7 @@ class Hit:
         rec = self.record.to_dict()
         for key in ("width", "height", "format", "bytes", "taken_at", "camera"):
             out[key] = rec[key]
+        out["aliases"] = list(self.aliases)
         return out
 
 
@@ -65,6 +70,39 @@ class QueryResult:
         if self.error:
             out["error"] = self.error
         return out
+
+
+def check_k(k: object) -> int:
+    """``k`` as a neighbour count: a whole number >= 1 (an int, or a float or string holding one
+    exactly); anything else raises EngineError saying why."""
+    if isinstance(k, bool):
+        raise EngineError(f"k must be a whole number of neighbours, not {k!r}")
+    if isinstance(k, int):
+        value = k
+    else:
+        try:
+            value = int(str(k).strip()) if isinstance(k, str) else int(k)  # type: ignore[call-overload]
+        except (TypeError, ValueError, OverflowError):
+            raise EngineError(f"k must be a whole number of neighbours, not {k!r}") from None
+        if isinstance(k, float) and value != k:
+            raise EngineError(f"k must be a whole number of neighbours, not {k!r}")
+    if value < 1:
+        raise EngineError(f"k must be at least 1 (got {value})")
+    return value
+
+
+def check_threshold(threshold: object) -> float:
+    """``threshold`` as an L2 distance: a finite number >= 0; anything else (NaN, infinity, a
+    negative number, text) raises EngineError saying why."""
+    try:
+        value = float(threshold)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise EngineError(f"threshold must be a number (an L2 distance), not {threshold!r}") from None
+    if not math.isfinite(value):
+        raise EngineError(f"threshold must be a finite L2 distance, not {threshold!r}")
+    if value < 0:
+        raise EngineError(f"threshold is an L2 distance, never negative (got {value:g})")
+    return value
 
 
 def _stored_vectors(library: Library, paths: Sequence[str], dim: int) -> dict[str, np.ndarray]:
@@ -85,10 +123,11 @@ def _stored_vectors(library: Library, paths: Sequence[str], dim: int) -> dict[st
     return {p: v for i, v in zip(got_ids, vectors) for p in ids[int(i)]}
 
 
-def embed_queries(library: Library, paths: Sequence[str], *,
-                  batch_size: int = 32) -> tuple[np.ndarray, list[str | None]]:
+def embed_queries(library: Library, paths: Sequence[str], *, batch_size: int = 32,
+                  progress: ProgressFn | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Query vectors float32 [Q, D] in the order of ``paths`` (a zero row where decoding failed),
-    and per query the error text or None. Indexed, unchanged files reuse their stored vector."""
+    and per query the error text or None. Indexed, unchanged files reuse their stored vector.
+    progress(done, total): files embedded, reported only when more than a batch must be."""
     from engine.embedding import embed_files
 
     info = library.model_info()
@@ -102,7 +141,11 @@ def embed_queries(library: Library, paths: Sequence[str], *,
     fresh: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     if todo:
-        done = embed_files(library.encoder(), todo, batch_size=batch_size, workers=0 if len(todo) <= batch_size else None)
+        many = len(todo) > batch_size
+        if many and progress:
+            progress(0, len(todo))
+        done = embed_files(library.encoder(), todo, batch_size=batch_size, workers=None if many else 0,
+                           progress=progress if many else None)
         fresh = {todo[int(pos)]: vec for pos, vec in zip(done.positions, done.embeddings)}
         failed = dict(done.failures)
     for i, p in enumerate(paths):
@@ -116,7 +159,8 @@ def embed_queries(library: Library, paths: Sequence[str], *,
 
 
 def search_library(library: Library, images: Sequence[str | os.PathLike], k: int = 10, *,
-                   threshold: float | None = None, batch_size: int = 32) -> list[QueryResult]:
+                   threshold: float | None = None, batch_size: int = 32, hit_filter: HitFilter | None = None,
+                   exclude_self: bool = False, progress: ProgressFn | None = None) -> list[QueryResult]:
     """Rank the library's images by similarity to each query image.
 
     images: files or folders; folders are walked exactly as ingest walks them
@@ -125,11 +169,21 @@ def search_library(library: Library, images: Sequence[str | os.PathLike], k: int
     missing query carries its error instead of hits. With ``threshold`` (an L2 distance), each hit
     says whether it counts as similar.
 
+    ``k`` is capped at the number of indexed vectors (asking for more costs nothing more: each
+    result then holds every image). threshold: a finite L2 distance >= 0.
+
+    hit_filter (engine.filters.HitFilter): keep only hits within a distance, a capture-time range,
+    a camera or folders; the k best that pass come back (the search goes deeper, nothing is lost
+    to the filter). exclude_self: leave out each query's own file (the indexed image its path, or
+    its real path, is recorded as, with its byte-identical copies).
+
     Raises IndexMissingError when nothing is indexed (without creating the library folder),
-    EngineError when ``k`` < 1 or the given folders hold no image at all.
+    EngineError when ``k`` is not a whole number >= 1, ``threshold`` is not a finite distance,
+    or the given folders hold no image at all.
     """
-    if k < 1:
-        raise EngineError("-k must be at least 1")
+    k = check_k(k)
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     if not library.exists():
         raise IndexMissingError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
     found = find_images(images, image_suffixes())
@@ -140,26 +194,28 @@ def search_library(library: Library, images: Sequence[str | os.PathLike], k: int
         return missing
     index = library.open_index()
     paths = found.files
-    vectors, errors = embed_queries(library, paths, batch_size=batch_size)
+    vectors, errors = embed_queries(library, paths, batch_size=batch_size, progress=progress)
     ok = [i for i, e in enumerate(errors) if e is None]
     results: list[QueryResult | None] = [None] * len(paths)
     for i, e in enumerate(errors):
         if e is not None:
             results[i] = QueryResult(paths[i], error=e)
     if ok:
-        scores, ids = index.search(vectors[ok], k)
-        records = library.store.get_images(ids[ids >= 0].tolist())
-        for row, i in enumerate(ok):
-            hits: list[Hit] = []
-            for score, image_id in zip(scores[row], ids[row]):
-                record = records.get(int(image_id))
-                if image_id < 0 or record is None:  # removed while we searched
-                    continue
-                dist = score_to_distance(score)
-                hits.append(Hit(len(hits) + 1, int(image_id), record.path, float(score), dist, record,
-                                None if threshold is None else dist <= threshold))
+        from engine.filters import HitFilter, rank_hits
+
+        exclude = _own_ids(library, [paths[i] for i in ok]) if exclude_self else None
+        ranked = rank_hits(library.store, index, vectors[ok], min(k, max(1, index.ntotal)),
+                           hit_filter=hit_filter or HitFilter(), exclude=exclude, label_threshold=threshold)
+        for i, hits in zip(ok, ranked):
             results[i] = QueryResult(paths[i], hits)
     return missing + [r for r in results if r is not None]
+
+
+def _own_ids(library: Library, paths: Sequence[str]) -> list[set[int]]:
+    """Per query path, the ids of the indexed images recorded at that path or its real path."""
+    real = {p: os.path.realpath(p) for p in paths}
+    known = library.store.lookup_paths(sorted(set(paths) | set(real.values())))
+    return [{known[q].image_id for q in (p, real[p]) if q in known} for p in paths]
 
 
 @dataclass(frozen=True)
@@ -182,6 +238,8 @@ def compare_images(encoder: Encoder, a: str, b: str, *, threshold: float | None 
     encoder's calibrated one, else the pretrained default). Raises ImageError for an unreadable file."""
     from engine.embedding import embed_files
 
+    if threshold is not None:
+        threshold = check_threshold(threshold)
     done = embed_files(encoder, [a, b], workers=0)
     if done.failures:
         path, reason = done.failures[0]

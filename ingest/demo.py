@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.plots import plot_contact_sheet
 from engine.query import QueryResult, search_library
+from engine.views import write_query_sheet
 from ingest.pipeline import IngestConfig, IngestReport, ingest_paths
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def _class_of(path: str) -> str:
 def run_demo(library: Library, *, k: int = 8, out_dir: str | None = None,
              progress: ProgressFn | None = None) -> DemoResult:
     """Ingest ``engine/sample/library`` (10 Caltech-101 classes x 8 photos), query the held-out
-    photos in ``engine/sample/query``, and draw the first query's hits as a contact sheet PNG."""
+    photos in ``engine/sample/query``, and draw each query with its hits on a contact sheet PNG."""
     report = ingest_paths(library, [SAMPLE / "library"], IngestConfig(workers=0), model="pretrained",
                           progress=progress)
     results = search_library(library, [SAMPLE / "query"], k)
@@ -47,8 +47,5 @@ def run_demo(library: Library, *, k: int = 8, out_dir: str | None = None,
     total = sum(len(r.hits) for r in results)
     out = Path(out_dir) if out_dir else library.paths.home
     out.mkdir(parents=True, exist_ok=True)
-    first = results[0]
-    sheet = plot_contact_sheet(first.query, [h.path for h in first.hits], [h.score for h in first.hits],
-                               out / "demo-contact-sheet.png",
-                               title=f"engine demo: top {k} for {Path(first.query).name}")
+    sheet = write_query_sheet(results, out / "demo-contact-sheet.png")[0]  # every held-out photo, a row each
     return DemoResult(str(library.paths.home), library.store.count(), report, results, same, total, str(sheet))

@@ -1,16 +1,18 @@
 """``engine doctor``: check the database against the index against the disk, and repair what can be
 repaired.
 
-What is checked: the database file (SQLite's own page check), the encoder file against the model the
-database remembers, rows without a stored vector, malformed or orphaned vectors, indexed files that
-are gone or changed on disk, the index file (readable, right dimension, same ids as the stored
-embeddings, and for exact indexes the same vectors) and temporary files left by a writer that died.
+What is checked: the database file (SQLite's own page check, through a read-only connection), the
+encoder file against the model the database remembers, rows without a stored vector, malformed or
+orphaned vectors, indexed files that are gone or changed on disk, the index file (the checksum
+recorded when it was saved, its sizes, kind and dimension, same ids as the stored embeddings, and
+for exact indexes the same vectors) and temporary files left by a writer that died.
 
 What ``--repair`` does, under the library's write lock: restore the encoder file from the model the
-library was built with (when that still exists and matches), move an unreadable index file aside
-and rebuild the index from the stored embeddings, drop files that are gone, re-embed rows that lost
-their vector, re-ingest changed files, and delete stale temporary files. A damaged database is never
-touched: it is reported with its file name, and only a backup or a fresh ingest can replace it.
+library was built with (when that still exists and matches), set a damaged or foreign index file
+aside and rebuild the index from the stored embeddings, drop files that are gone, re-embed rows that
+lost their vector, re-ingest changed files, and delete stale temporary files. A damaged database is
+set aside together with its -wal and -shm files, never written to, and a new one is rebuilt from
+what is readable of them (ingest.db_repair).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import numpy as np
 from engine.checkpoint import save_checkpoint
 from engine.encoder import Encoder, load_checkpoint, load_encoder
 from engine.errors import CorruptFileError, EngineError, ModelError
-from engine.index import VectorIndex
+from engine.index import IndexFileError, VectorIndex
 from engine.library import Library, ModelInfo, stale_temp_files
 from engine.loader import ImageFileDataset, decode_batches
 from engine.preprocess import build_transform, draft_size_for
 from ingest.pipeline import IngestConfig, ingest_paths
+from ingest.presence import UNMOUNTED, split_missing
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,8 @@ def _facts_line(home: str, facts: dict[str, Any]) -> str:
         return f"library {home}"
     text = (f"library {home}: {facts['images']} images, {facts['aliases']} aliases, "
             f"{facts['embeddings']} stored embeddings, "
-            + ("an unreadable index" if facts.get("vectors") is None else f"{facts['vectors']} indexed vectors"))
+            + ("no index yet (the library is empty)" if "vectors" not in facts
+               else "an unreadable index" if facts["vectors"] is None else f"{facts['vectors']} indexed vectors"))
     model = facts.get("model")
     if model:
         text += f"; model {model['backbone']} ({model['dim']}-d)"
@@ -126,8 +130,9 @@ class _State:
     """What the inspection learned, for the repair."""
 
     usable: bool = False  # the database could be read and has a model
+    database_damaged: bool = False  # set aside with its journal files and rebuilt from what is readable
     encoder_bad: bool = False
-    index_bad: bool = False  # unreadable, wrong dimension or duplicate ids: move aside, rebuild
+    index_bad: bool = False  # damaged, foreign, wrong dimension or duplicate ids: set aside, rebuild
     index_rebuild: bool = False  # readable but its vectors differ from the stored ones
     orphan_vectors: list[int] = field(default_factory=list)
     bad_vectors: list[int] = field(default_factory=list)
@@ -150,10 +155,11 @@ def _first_line(text: str) -> str:
 
 
 def check_library(library: Library, *, repair: bool = False, on_wait: Callable[[], None] | None = None,
-                  config: IngestConfig | None = None) -> DoctorReport:
+                  config: IngestConfig | None = None, deep: bool = False) -> DoctorReport:
     """Check ``library``; with repair=True fix what can be fixed (under its write lock) and check
     again. Never raises for a damaged file: each one is a finding. config: the IngestConfig used to
-    re-embed and re-ingest (default: small batches, decoding in-process)."""
+    re-embed and re-ingest (default: small batches, decoding in-process). deep: also hash every
+    indexed file (``ingest.deep_check``)."""
     paths = library.paths
     report = DoctorReport(home=os.fspath(paths.home), repair=repair)
     if library.database_url is None and not paths.database.exists():
@@ -168,33 +174,73 @@ def check_library(library: Library, *, repair: bool = False, on_wait: Callable[[
                                                     "first", severity=NOTE, repairable=False))
         return report
     if not repair:
-        _inspect(library, report.findings, report.facts)
+        _inspect_deep(library, _inspect(library, report.findings, report.facts), report.findings, report.facts, deep)
         return report
     with library.write_lock(on_wait):
         state = _inspect(library, report.findings, report.facts)
+        if state.database_damaged and library.database_url is None:  # another server's database: its own tools
+            _repair_database(library, report, config)
+            return report
+        deep_result = _inspect_deep(library, state, report.findings, report.facts, deep)
         if state.usable and any(f.repairable for f in report.findings):
             _repair(library, state, report, config)
+            if deep_result is not None:
+                from ingest.deep_check import deep_repair
+                report.actions += deep_repair(library, deep_result, config)
             report.remaining, report.facts = [], {}
-            _inspect(library, report.remaining, report.facts)
+            _inspect_deep(library, _inspect(library, report.remaining, report.facts), report.remaining, report.facts,
+                          deep)
     return report
+
+
+def _inspect_deep(library: Library, state: _State, findings: list[Finding], facts: dict[str, Any],
+                  deep: bool) -> Any:
+    """With ``deep``, hash every indexed file the fast check found in place (ingest.deep_check);
+    returns its DeepResult, or None when not asked or the library is not usable."""
+    if not deep or not state.usable:
+        return None
+    from ingest.deep_check import deep_check, deep_findings  # imports this module
+
+    result = deep_check(library, skip=set(state.missing_paths) | set(state.changed_paths))
+    findings += deep_findings(result, facts)
+    return result
+
+
+def _repair_database(library: Library, report: DoctorReport, config: IngestConfig | None) -> None:
+    """A damaged database: keep it (with its journal files), rebuild one from what is readable,
+    then repair the rebuilt library as any other (ingest.db_repair)."""
+    from ingest.db_repair import repair_database
+
+    if not repair_database(library, report.actions):
+        report.remaining = [Finding("database-missing", f"database file {library.paths.database} could not be "
+                                    "rebuilt; the damaged one is kept beside it", repairable=False)]
+        return
+    later: list[Finding] = []
+    state = _inspect(library, later, {})
+    if state.usable and any(f.repairable for f in later):
+        _repair(library, state, report, config)
+    report.remaining, report.facts = [], {}
+    _inspect(library, report.remaining, report.facts)
 
 
 # -- inspection ----------------------------------------------------------------------------------
 def _inspect(library: Library, findings: list[Finding], facts: dict[str, Any]) -> _State:
     state = _State()
     try:
-        store = library.store
-        damage = store.integrity_errors()
+        damage = library.database_damage()  # before anything opens it for writing
         if damage:
-            findings.append(Finding(
-                "database-damaged", f"database file {store.where} is damaged ({_first_line(damage[0])}); it "
-                "cannot be repaired automatically and is left untouched: restore a backup, or move it aside and "
-                "run `engine ingest PATH` again", repairable=False))
+            state.database_damaged = True
+            where = library.store.where if library.database_url else library.paths.database
+            findings.append(Finding("database-damaged", f"database file {where} is damaged "
+                                    f"({_first_line(damage[0])}); {library.database_advice()}",
+                                    repairable=library.database_url is None))
             return state
+        store = library.store
         info = library.model_info()
         if info is None:
             facts.update(images=store.count(), aliases=store.count_aliases(), embeddings=store.count_embeddings())
-            findings.append(Finding("empty", "nothing has been ingested yet", severity=NOTE, repairable=False))
+            findings.append(Finding("empty", "the library is empty: nothing has been ingested yet; run "
+                                    "`engine ingest PATH`", severity=NOTE, repairable=False))
             return state
         state.usable = True
         facts.update(images=store.count(), aliases=store.count_aliases(), embeddings=store.count_embeddings(),
@@ -209,13 +255,25 @@ def _inspect(library: Library, findings: list[Finding], facts: dict[str, Any]) -
                                     "an interrupted save (never read; deleted by the next save)", severity=NOTE,
                                     count=len(state.temp_files), examples=_examples(p.name for p in state.temp_files)))
     except CorruptFileError as exc:  # damage that only a read reached
-        findings.append(Finding("database-damaged", str(exc), repairable=False))
+        state.database_damaged = True
+        findings.append(Finding("database-damaged", str(exc), repairable=library.database_url is None))
         state.usable = False
     return state
 
 
 def _check_encoder(library: Library, info: ModelInfo, state: _State, findings: list[Finding]) -> None:
     path = library.paths.encoder
+    pending = library.pending_model()
+    if pending is not None:
+        findings.append(Finding("reindex-pending", f"a reindex to {pending.spec} has not finished "
+                                f"({_n(len(library.store.pending_ids()), 'vector')} staged beside the live ones, which "
+                                f"queries still use): `engine reindex --model {pending.spec}` finishes it, "
+                                f"`engine reindex --model {info.spec}` drops it", severity=NOTE, repairable=False))
+    if library.encoder_switch_unfinished():
+        findings.append(Finding("encoder-switch", f"a reindex switched the library to {info.spec} and stopped before "
+                                f"renaming {library.paths.encoder_pending.name} over {path.name}; the next use of the "
+                                "encoder finishes it", severity=NOTE, repairable=False))
+        return
     hint = (f"`engine doctor --repair` restores it from {info.spec} if that still matches, "
             f"else `engine reindex --model MODEL` re-embeds the library")
     if not path.exists():
@@ -300,26 +358,28 @@ def _check_index(library: Library, info: ModelInfo, embedding_ids: np.ndarray, s
             findings.append(Finding("index-missing", f"index file {paths.index} is missing; it is rebuilt from the "
                                     "stored embeddings on the next open (or by repair)", severity=NOTE))
         return
-    try:
+    if not library.index_holds_current_vectors():  # a reindex switched the vectors, then stopped
+        state.index_rebuild = True
+        facts["vectors"] = 0
+        findings.append(Finding("index-previous-vectors", f"index file {paths.index} was built from the vectors of "
+                                "the library's previous encoder (a reindex stopped before saving the new index); it "
+                                "is rebuilt from the stored embeddings on the next open (or by repair)", severity=NOTE))
+        return
+    try:  # checksum, size, structure, kind, dimension and duplicate ids: engine.index
         index = library.read_index()
-    except CorruptFileError as exc:
-        state.index_bad = True
+    except IndexFileError as exc:
         facts["vectors"] = None
-        findings.append(Finding("index-unreadable", str(exc)))
+        if exc.code == "index-unverified":  # not damaged as far as anyone knows, but not trusted either
+            state.index_rebuild = True
+            findings.append(Finding(exc.code, str(exc).split("; ")[0] + "; it is rebuilt from the stored embeddings "
+                                    "on the next open (or by repair)", severity=NOTE))
+        else:
+            state.index_bad = True
+            findings.append(Finding(exc.code, str(exc)))
         return
     facts["vectors"] = index.ntotal
-    if index.dim != info.dim:
-        state.index_bad = True
-        findings.append(Finding("index-dimension", f"index file {paths.index} has dimension {index.dim}, the "
-                                f"library's encoder {info.dim}; repair rebuilds it from the stored embeddings"))
-        return
     held = index.ids()
     unique_held = np.unique(held)
-    if len(unique_held) != len(held):
-        state.index_bad = True
-        findings.append(Finding("index-duplicates", f"index file {paths.index} holds {len(held) - len(unique_held)} "
-                                "duplicate ids; repair rebuilds it from the stored embeddings"))
-        return
     current = library.index_is_current(index)
     severity = PROBLEM if current else NOTE
     later = "" if current else " (the index file predates the last database write; this is reconciled on the next open)"
@@ -404,8 +464,8 @@ def _repair(library: Library, state: _State, report: DoctorReport, config: Inges
 
     index_aside = None
     if state.index_bad and paths.index.exists():
-        index_aside = _move_aside(paths.index, "corrupt")
-        actions.append(f"moved the bad index file aside to {index_aside}")
+        index_aside = library.set_aside_index()
+        actions.append(f"set the unusable index file aside to {index_aside}")
 
     if state.orphan_vectors or state.bad_vectors:
         store.delete_embeddings(sorted(set(state.orphan_vectors) | set(state.bad_vectors)))
@@ -414,13 +474,15 @@ def _repair(library: Library, state: _State, report: DoctorReport, config: Inges
         if state.bad_vectors:
             actions.append(f"deleted {_n(len(state.bad_vectors), 'malformed stored vector')} (re-embedded below)")
 
-    if state.missing_paths and len(state.missing_paths) == store.count() + store.count_aliases():
-        # Every file gone at once is far likelier an unmounted drive than a deleted library.
-        actions.append(f"kept {_n(len(state.missing_paths), 'missing file')}: every indexed file is missing, which looks "
-                       "like an unmounted drive; `engine remove PATH` forgets them if they are really gone")
-    elif state.missing_paths:
-        gone = store.remove_paths(state.missing_paths)
-        actions.append(f"dropped {_n(len(state.missing_paths), 'file')} gone from disk ({_n(len(gone), 'vector')} removed)")
+    # A folder whose indexed files are all gone at once is far likelier an unmounted drive than a deletion.
+    forget, kept = split_missing(state.missing_paths, (p for p, _, _ in store.file_stats())) \
+        if state.missing_paths else ([], {})
+    if kept:
+        actions.append(f"kept {_n(sum(kept.values()), 'missing file')} under {', '.join(sorted(kept)[:_EXAMPLES])}: "
+                       f"{UNMOUNTED}; `engine remove PATH` forgets them if they are really gone")
+    if forget:
+        gone = store.remove_paths(forget)
+        actions.append(f"dropped {_n(len(forget), 'file')} gone from disk ({_n(len(gone), 'vector')} removed)")
 
     reingest: list[str] = []
     reembedded: list[int] = []

@@ -4,11 +4,13 @@ index).
 
 Each batch is committed before the next is embedded, so an interrupted run loses at most the batch
 in flight and a rerun picks up where it stopped: files whose size and mtime match the database are
-not even opened.
+not even opened. Before any decoding, what needs no model (touched files, renames as moves, copies
+of indexed bytes as aliases) is decided by ``ingest.changes`` and committed in one transaction.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import os
@@ -20,15 +22,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from engine.atomic import write_atomic
-from engine.errors import EngineError
-from engine.files import find_images
+from engine.errors import EngineError, IndexMissingError
+from engine.files import find_images, nothing_found_message
+from engine.output import printable
 from engine.index import VectorIndex
 from engine.faults import fault_point
 from engine.loader import Batch, ImageFileDataset, decode_batches
 from engine.preprocess import build_transform, draft_size_for, image_suffixes
+from ingest.changes import Reconciler
+from ingest.presence import GONE, probe
+from ingest.prune import prune_roots, under, unwalked_roots
 
 if TYPE_CHECKING:
-    from db.store import PathState
+    from db.changes import ChangeSet, StoredFile
     from engine.encoder import Encoder
     from engine.library import Library
     from engine.progress import ProgressFn
@@ -85,15 +91,24 @@ class StageSeconds:
 
 @dataclass
 class IngestReport:
-    """What an ingest did. failed: (path, reason) for each file that could not be indexed;
-    embedded: images that went through the model; seconds: wall time of the whole call, split
+    """What an ingest did. Each file found counts once: added (new content at a new path), moved
+    (a new path holding the bytes of an indexed photo whose file is gone or changed: the photo
+    moved there, keeping its id and vector; also an alias that took over from a gone file),
+    duplicates (a new path holding indexed bytes: an alias), updated (a known path whose content
+    changed), unchanged, or failed: (path, reason) for each file that could not be indexed.
+    removed: paths ``--prune`` forgot; prune_kept: (folder, reason, indexed paths kept) for each
+    place ``--prune`` refused to forget anything under; unwalked: roots that could not be walked at
+    all. embedded: images that went through the model; seconds: wall time of the whole call, split
     by stage in ``stages``."""
 
     added: int = 0
     unchanged: int = 0
     updated: int = 0
     duplicates: int = 0
+    moved: int = 0
     removed: int = 0
+    prune_kept: list[tuple[str, str, int]] = field(default_factory=list)
+    unwalked: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     embedded: int = 0
     seconds: float = 0.0
@@ -114,7 +129,9 @@ class IngestReport:
         """JSON-ready summary (what ``engine ingest --json`` prints); ``stages`` holds the seconds
         per stage (see StageSeconds)."""
         return {"added": self.added, "unchanged": self.unchanged, "updated": self.updated,
-                "duplicates": self.duplicates, "failed": len(self.failed), "removed": self.removed,
+                "duplicates": self.duplicates, "moved": self.moved, "failed": len(self.failed),
+                "removed": self.removed, "unwalked": list(self.unwalked),
+                "prune_kept": [{"path": p, "reason": r, "kept": n} for p, r, n in self.prune_kept],
                 "failures": [{"path": p, "reason": r} for p, r in self.failed],
                 "embedded": self.embedded, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 2), "stages": self.stages.to_dict(),
@@ -122,15 +139,17 @@ class IngestReport:
 
 
 def _write_failures(path: str | os.PathLike, failed: Sequence[tuple[str, str]]) -> None:
-    lines = ["path\treason\n"] + [f"{p}\t{reason}\n" for p, reason in failed]
-    write_atomic(path, "".join(lines).encode("utf-8", "backslashreplace"))
+    """The failures report: UTF-8 TSV, a ``path<TAB>reason`` header, then one line per failed file;
+    both fields are written as engine.output.printable makes them (tab, newline, control
+    characters, backslash and undecodable bytes escaped), so no field can split a record."""
+    lines = ["path\treason\n"] + [f"{printable(p)}\t{printable(reason)}\n" for p, reason in failed]
+    write_atomic(path, "".join(lines).encode("utf-8"))
 
 
-def _plan(library: Library, files: Sequence[str], report: IngestReport) -> tuple[list[str], dict[str, PathState]]:
-    """Split discovered files into those to decode and those unchanged since the last run (counted
-    in ``report``); also returns what the database knew of each known path."""
-    known = library.store.lookup_paths(files)
-    todo: list[str] = []
+def _stat_files(files: Sequence[str], report: IngestReport) -> tuple[list[str], dict[str, tuple[int, float]]]:
+    """The regular files among ``files`` with their (size, mtime); the others are reported."""
+    regular: list[str] = []
+    seen: dict[str, tuple[int, float]] = {}
     for path in files:
         try:
             st = os.stat(path)
@@ -140,83 +159,56 @@ def _plan(library: Library, files: Sequence[str], report: IngestReport) -> tuple
         if not stat.S_ISREG(st.st_mode):  # a fifo or device named like an image would block or never end
             report.failed.append((path, "not a regular file"))
             continue
-        state = known.get(path)
-        if state is not None and state.bytes == st.st_size and state.mtime == st.st_mtime:
-            report.unchanged += 1
-        else:
-            todo.append(path)
-    return todo, known
+        regular.append(path)
+        seen[path] = (st.st_size, st.st_mtime)
+    return regular, seen
 
 
-@dataclass
-class _BatchPlan:
-    """What one batch does to the database: rows to insert (and which batch positions to embed
-    for them), paths whose content changed, aliases of known content, files only touched."""
+def _plan(library: Library, roots: Sequence[str], files: Sequence[str], report: IngestReport,
+          reconciler: Reconciler) -> tuple[ChangeSet, list[str]]:
+    """Compare what the walk found with what the library records under ``roots``: the first
+    transaction of the run (touches, moves and aliases that need no model) and the files to decode."""
+    regular, seen = _stat_files(files, report)
+    recorded = library.store.paths_under(roots)
+    walked = set(files)
+    gone: list[StoredFile] = [state for path, state in recorded.items()
+                              if path not in walked and probe(path)[0] == GONE]
+    known = {p: recorded[p] for p in regular if p in recorded}
+    return reconciler.plan(regular, seen, known, gone)
 
-    new_rows: list[dict] = field(default_factory=list)
-    embed_rows: list[int] = field(default_factory=list)
-    replaced: list[str] = field(default_factory=list)
-    aliases: list[dict] = field(default_factory=list)
-    touched: list[tuple[bool, str, float]] = field(default_factory=list)
 
-
-def _classify(library: Library, batch: Batch, known: dict[str, PathState], report: IngestReport) -> _BatchPlan:
-    """Sort a decoded batch's files into new, changed, duplicate and touched, counting them in
-    ``report``."""
-    plan = _BatchPlan()
-    stored = library.store.lookup_hashes(it.content_hash for it in batch.items if it.content_hash)
-    batch_hashes: dict[str, int] = {}
-    for position, it in enumerate(batch.items):
-        state = known.get(it.path)
-        if state is not None and state.content_hash == it.content_hash:
-            plan.touched.append((state.is_alias, it.path, it.mtime))  # touched, not changed
-            report.unchanged += 1
-            continue
-        if state is not None:
-            plan.replaced.append(it.path)
-            report.updated += 1
-        alias = {"path": it.path, "bytes": it.size, "mtime": it.mtime}
-        if it.content_hash in stored and state is None:
-            plan.aliases.append(dict(alias, image_id=stored[it.content_hash]))
-            report.duplicates += 1
-        elif it.content_hash in batch_hashes:
-            plan.aliases.append(dict(alias, new_row=batch_hashes[it.content_hash]))
-            report.duplicates += state is None
-        else:
-            batch_hashes[it.content_hash] = len(plan.new_rows)
-            info = it.info
-            plan.new_rows.append({"path": it.path, "content_hash": it.content_hash, "bytes": it.size,
-                                  "mtime": it.mtime, "width": info.width, "height": info.height, "format": info.format,
-                                  "taken_at": info.taken_at, "camera": info.camera[:128] if info.camera else None})
-            plan.embed_rows.append(position)
-            report.added += state is None
-    return plan
+def _apply(library: Library, index: VectorIndex, changes: ChangeSet, reconciler: Reconciler,
+           report: IngestReport) -> None:
+    """Commit ``changes`` (one transaction), then bring the index in line: rows deleted leave it,
+    new rows (with ``changes.vectors``) join it; moved rows keep their vectors."""
+    stages = report.stages
+    with stages.timing("commit"):
+        applied = library.store.apply_changes(changes)
+        reconciler.committed(applied)
+    fault_point("batch-committed")
+    report.embedded += len(applied.new_ids)
+    with stages.timing("index"):
+        if applied.dropped_ids:
+            _remove_from_index(library, index, applied.dropped_ids)
+        if applied.new_ids and changes.vectors is not None:
+            if not index.is_trained:
+                index.train(changes.vectors)
+            index.add(changes.vectors, np.asarray(applied.new_ids, np.int64))
 
 
 def _commit_batch(library: Library, index: VectorIndex, encoder: Encoder, batch: Batch,
-                  known: dict[str, PathState], report: IngestReport) -> None:
-    """Classify one decoded batch, embed what is new, commit rows + vectors, update the index."""
+                  reconciler: Reconciler, report: IngestReport) -> None:
+    """Decide what one decoded batch changes, embed its new content, commit, update the index."""
     report.failed.extend((it.path, it.error or "unknown error") for it in batch.failures)
     if not batch.items or batch.images is None:
         return
     stages = report.stages
     with stages.timing("commit"):
-        plan = _classify(library, batch, known, report)
+        changes, embed = reconciler.resolve(batch.items)
     with stages.timing("embed"):
-        vectors = encoder.embed(batch.images[plan.embed_rows]) if plan.embed_rows else None
+        changes.vectors = encoder.embed(batch.images[embed]) if embed else None
     fault_point("batch-embedded")
-    with stages.timing("commit"):
-        ids, gone = library.store.write_batch(plan.new_rows, vectors, replaced_paths=plan.replaced,
-                                              aliases=plan.aliases, touched=plan.touched)
-    fault_point("batch-committed")
-    report.embedded += len(ids)
-    with stages.timing("index"):
-        if gone:
-            _remove_from_index(library, index, gone)
-        if ids and vectors is not None:
-            if not index.is_trained:
-                index.train(vectors)
-            index.add(vectors, np.asarray(ids, np.int64))
+    _apply(library, index, changes, reconciler, report)
 
 
 def _remove_from_index(library: Library, index: VectorIndex, ids: Sequence[int]) -> None:
@@ -243,21 +235,38 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
     every image found, unchanged ones counted done at once). on_wait: called when another writer
     holds the library and this call waits for it.
     Never raises for a bad file: each one is reported in ``report.failed`` and in the library's
-    failure report file. Raises EngineError when the library itself cannot be used.
+    failure report file. Raises EngineError when the library itself cannot be used, and when no
+    image file was found under ``roots`` (paths that do not exist, folders without images; with
+    ``prune`` on an existing library an empty walk is fine): nothing is created then.
     """
     started = time.perf_counter()
     report = IngestReport()
     stages = report.stages
-    with library.write_lock(on_wait):
+    new_model: dict[str, Any] = {}
+    with stages.timing("walk"):  # first: a mistyped path or an empty folder leaves no library behind
+        found = find_images(roots, image_suffixes(), exclude=config.exclude)
+    if not found.files and not (config.prune and library.exists()):
+        raise EngineError(nothing_found_message(roots, found, image_suffixes()))
+    if not library.exists():  # a new library: a model that cannot be built must leave no home or database
+        if progress:
+            progress(0, None)  # the paths are good; the slow part begins (the encoder)
         with stages.timing("model"):
-            encoder = library.ensure_model(model)
-        with stages.timing("walk"):
-            found = find_images(roots, image_suffixes(), exclude=config.exclude)
+            new_model["encoder"] = library.load_model(model or "pretrained")
+    with library.write_lock(on_wait):
+        if progress:
+            progress(0, None)
+        with stages.timing("model"):
+            encoder = library.ensure_model(model, **new_model)
         report.failed.extend(found.missing)
+        roots_abs = list(dict.fromkeys(os.path.abspath(os.fspath(r)) for r in roots))
+        report.unwalked = list(unwalked_roots(roots_abs, found))
+        reconciler = Reconciler(library.store, report)
         with stages.timing("plan"):
-            todo, known = _plan(library, found.files, report)
+            first, todo = _plan(library, roots_abs, found.files, report, reconciler)
         with stages.timing("index"):
             index = _open_or_build_index(library, encoder)
+        if first:
+            _apply(library, index, first, reconciler, report)
         total = len(found.files)
         done = total - len(todo)
         if progress:
@@ -267,7 +276,7 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
             dataset = ImageFileDataset(todo, build_transform(encoder.data_config), draft_size_for(encoder.data_config),
                                        with_facts=True)
             for batch in _timed(decode_batches(dataset, config.batch_size, config.workers), stages):
-                _commit_batch(library, index, encoder, batch, known, report)
+                _commit_batch(library, index, encoder, batch, reconciler, report)
                 done += len(batch.items) + len(batch.failures)
                 if progress:
                     progress(done, total)
@@ -276,7 +285,11 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
                         library.save_index(index)
                     last_save = time.monotonic()
         if config.prune:
-            report.removed = _prune(library, index, roots, set(found.files), stages)
+            with stages.timing("commit"):
+                gone_ids = prune_roots(library, roots_abs, found, report)
+            if gone_ids:
+                with stages.timing("index"):
+                    _remove_from_index(library, index, gone_ids)
         with stages.timing("index"):
             library.save_index(index)
         report.report_path = os.fspath(library.paths.report)
@@ -297,77 +310,37 @@ def _timed(batches: Iterator[Batch], stages: StageSeconds) -> Iterator[Batch]:
         yield batch
 
 
-def _under(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
-
-
-def _prune(library: Library, index: VectorIndex, roots: Sequence[str | os.PathLike], present: set[str],
-           stages: StageSeconds) -> int:
-    """Forget indexed paths under ``roots`` that no longer exist on disk; returns how many."""
-    roots_abs = [os.path.abspath(os.fspath(r)) for r in roots]
-    with stages.timing("commit"):
-        gone_paths = [p for p, _, _ in library.store.iter_paths()
-                      if _under(p, roots_abs) and p not in present and not os.path.exists(p)]
-        gone_ids = library.store.remove_paths(gone_paths) if gone_paths else []
-    if gone_ids:
-        with stages.timing("index"):
-            _remove_from_index(library, index, gone_ids)
-    return len(gone_paths)
+def _not_indexed(wanted: Sequence[str], known: Sequence[str]) -> list[str]:
+    """The paths of ``wanted`` that are neither an indexed file nor a folder holding one."""
+    ordered = sorted(known)
+    exact = set(known)
+    out = []
+    for path in wanted:
+        prefix = path.rstrip(os.sep) + os.sep
+        at = bisect.bisect_left(ordered, prefix)
+        if path not in exact and not (at < len(ordered) and ordered[at].startswith(prefix)):
+            out.append(path)
+    return out
 
 
 def remove_paths(library: Library, paths: Sequence[str | os.PathLike], *,
                  on_wait: Callable[[], None] | None = None) -> int:
     """``engine remove``: forget these files (or every indexed file under these folders); their
     vectors leave the index at once. Returns how many paths were forgotten. on_wait: called when
-    another writer holds the library and this call waits for it."""
+    another writer holds the library and this call waits for it. Raises EngineError, forgetting
+    nothing, when one of ``paths`` is neither indexed nor a folder holding an indexed file."""
     wanted = [os.path.abspath(os.fspath(p)) for p in paths]
+    if not library.exists():  # nothing to forget: and no home or database is created for nothing
+        raise IndexMissingError(f"no library in {library.paths.home} yet; run `engine ingest PATH` first")
     with library.write_lock(on_wait):
         index = library.open_index()
-        known = [p for p, _, _ in library.store.iter_paths() if _under(p, wanted)]
+        known = [p for p, _, _ in library.store.iter_paths() if under(p, wanted)]
+        missing = _not_indexed(wanted, known)
+        if missing:  # a mistyped path among several: forget nothing, say which
+            raise EngineError(printable(f"not indexed: {', '.join(missing)}; nothing was removed (`engine info` "
+                                        "lists the indexed folders)"))
         if known:
             _remove_from_index(library, index, library.store.remove_paths(known))
             library.save_index(index)
     return len(known)
 
-
-def reindex_library(library: Library, *, model: str | None = None, factory: str | None = None,
-                    config: IngestConfig = IngestConfig(), progress: ProgressFn | None = None,
-                    on_wait: Callable[[], None] | None = None) -> dict[str, Any]:
-    """``engine reindex``: with ``model``, re-embed every indexed image with that encoder (the
-    library then remembers it); with only ``factory``, rebuild the index from stored embeddings
-    (no image decoded). progress(done, total) counts re-embedded files. Returns a JSON-ready
-    summary: reembedded, failed, vectors, index (factory string), model (dict), seconds."""
-    started = time.perf_counter()
-    with library.write_lock(on_wait):
-        if library.model_info() is None:
-            raise EngineError(f"no library in {library.paths.home} to reindex; run `engine ingest PATH` first")
-        summary: dict[str, Any] = {"reembedded": 0, "failed": 0}
-        if factory:
-            library.store.set_meta("index_factory", factory)
-        if model is not None:
-            encoder = library.set_model(model)
-            records = library.store.get_images(library.store.image_ids().tolist())
-            ordered = sorted(records.values(), key=lambda r: r.id)
-            dataset = ImageFileDataset([r.path for r in ordered], build_transform(encoder.data_config),
-                                       draft_size_for(encoder.data_config))
-            # Vectors are replaced under the same ids here, so an index holding old ones could never be
-            # reconciled by id: it goes first, and a crash from now on leaves only a rebuild to do.
-            library.paths.index.unlink(missing_ok=True)
-            library.store.clear_embeddings()
-            done, lost = 0, []
-            for batch in decode_batches(dataset, config.batch_size, config.workers):
-                if batch.items:
-                    vectors = encoder.embed(batch.images)
-                    library.store.put_embeddings([ordered[it.position].id for it in batch.items], vectors)
-                    summary["reembedded"] += len(batch.items)
-                lost.extend(ordered[it.position].id for it in batch.failures)
-                done += len(batch.items) + len(batch.failures)
-                if progress:
-                    progress(done, len(ordered))
-            if lost:  # files that vanished or broke since they were indexed cannot stay without a vector
-                library.store.remove_ids(lost)
-            summary["failed"] = len(lost)
-        index = library.rebuild_index(factory)
-        summary.update(vectors=index.ntotal, index=index.factory, model=library.model_info().to_dict(),
-                       seconds=round(time.perf_counter() - started, 3))
-    return summary

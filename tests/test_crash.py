@@ -33,7 +33,7 @@ FAULTS = [
     ("batch-committed", rng.randint(1, 3)),  # a batch committed, the index not yet updated
     ("commit", rng.randint(1, 3)),  # inside a batch's transaction, before COMMIT
     ("batch-embedded", rng.randint(1, 3)),  # vectors computed, nothing written
-    ("index-replaced", 1),  # mid index save: new index file in place, index.json not yet written
+    ("index-state-written", 1),  # mid index save: index.json records the new file, not yet in place
     ("outside", rng.uniform(0.0, 0.1)),  # seconds after the first commit was seen
 ]
 WAVES = [5, 5, 5, 5, 12]  # photos arriving before each run; the last run is the longest
@@ -98,7 +98,7 @@ def test_ingest_killed_at_any_point_loses_and_duplicates_nothing(tmp_path, tiny_
     survived = 0
     for n, (fault, when) in enumerate(FAULTS):
         (staged / f"w{n}").rename(photos / f"w{n}")  # the library grows between runs
-        if fault == "index-replaced" and (home / "index.faiss").exists():
+        if fault == "index-state-written" and (home / "index.faiss").exists():
             # what a kill inside the index write leaves: half a temporary file beside the real index
             half = (home / "index.faiss").read_bytes()
             (home / ".index.faiss.99999999.tmp").write_bytes(half[: len(half) // 2])

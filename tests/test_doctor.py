@@ -60,30 +60,34 @@ def test_healthy_library_and_empty_home(library, tmp_path):
     assert check_library(nothing).ok and not (tmp_path / "nowhere" / "library.db").exists()
 
 
-def test_corrupt_index_is_named_never_overwritten_and_repaired(library, tmp_path):
+def test_corrupt_index_is_reported_set_aside_and_rebuilt(library, tmp_path):
+    """The index is derived data: doctor names a damaged one, and any command that opens it (a
+    query included) sets it aside and rebuilds it rather than failing. tests/test_damaged_files.py
+    covers the kinds of damage."""
     lib, paths = library
     [before] = search_library(lib, [str(paths[3])], k=3)
     lib.close()
     damaged = lib.paths.index.read_bytes()[:200]
     lib.paths.index.write_bytes(damaged)
-    for args in (("query", paths[3]), ("ingest", paths[0].parent, "--workers", 0), ("remove", paths[1])):
-        r = _cli(lib.paths.home, *args)
-        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-        assert str(lib.paths.index) in r.output and "engine doctor --repair" in r.output
-        assert len(r.output.strip().splitlines()) == 1
-    assert lib.paths.index.read_bytes() == damaged  # nothing silently overwritten
     r = _cli(lib.paths.home, "doctor")
-    assert r.exit_code == 1 and f"problem: index file {lib.paths.index} is unreadable" in r.output
+    assert r.exit_code == 1 and f"problem: index file {lib.paths.index} is damaged" in r.output
+    assert lib.paths.index.read_bytes() == damaged  # a check changes nothing
     r = _cli(lib.paths.home, "doctor", "--repair")
     assert r.exit_code == 0, r.output
-    assert "moved the bad index file aside" in r.output and "rebuilt the index from 8 stored embeddings" in r.output
-    [aside] = list(lib.paths.home.glob("index.faiss.corrupt-*"))
+    assert "set the unusable index file aside" in r.output and "rebuilt the index from 8 stored embeddings" in r.output
+    [aside] = list(lib.paths.home.glob("index.faiss.damaged-*"))
     assert aside.read_bytes() == damaged
     [after] = search_library(Library(lib.paths.home, device="cpu"), [str(paths[3])], k=3)
     assert [h.path for h in after.hits] == [h.path for h in before.hits]
+    for args in (("query", paths[3]), ("ingest", paths[0].parent, "--workers", 0), ("remove", paths[1])):
+        lib.paths.index.write_bytes(damaged)
+        r = _cli(lib.paths.home, *args)
+        assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert len(list(lib.paths.home.glob("index.faiss.damaged-*"))) >= 2  # never overwritten, kept aside
+    _agree(Library(lib.paths.home, device="cpu"))
 
 
-def test_corrupt_database_is_named_and_left_untouched(library):
+def test_corrupt_database_is_named_with_its_journal_and_kept(library):
     lib, paths = library
     lib.close()
     db = lib.paths.database
@@ -92,17 +96,21 @@ def test_corrupt_database_is_named_and_left_untouched(library):
     for args in (("query", paths[0]), ("ingest", paths[0].parent, "--workers", 0), ("info",)):
         r = _cli(lib.paths.home, *args)
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-        assert str(db) in r.output and "cannot be repaired automatically" in r.output
+        assert str(db) in r.output and "library.db-wal" in r.output and "library.db-shm" in r.output
         assert len(r.output.strip().splitlines()) == 1
-    for repair in (False, True):
-        report = check_library(Library(lib.paths.home, device="cpu"), repair=repair)
-        assert not report.ok and _codes(report.findings) == {"database-damaged"}
-        assert not report.findings[0].repairable and str(db) in report.findings[0].message
-        assert report.actions == []
+    report = check_library(Library(lib.paths.home, device="cpu"))
+    assert not report.ok and _codes(report.findings) == {"database-damaged"}
+    assert str(db) in report.findings[0].message and report.actions == []
     assert db.read_bytes() == garbage
+    # nothing is readable in random bytes: the damaged file is kept aside as it was, and said so
+    report = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    assert not report.ok and _codes(report.remaining) == {"database-missing"}
+    assert "nothing could be read back" in " ".join(report.actions)
+    [aside] = list(lib.paths.home.glob("library.db.damaged-*"))
+    assert aside.read_bytes() == garbage and not db.exists()
 
 
-def test_damaged_page_inside_the_database_is_found(library):
+def test_damaged_page_inside_the_database_is_found_and_rebuilt(library):
     lib, _ = library
     lib.close()
     db = lib.paths.database
@@ -110,10 +118,17 @@ def test_damaged_page_inside_the_database_is_found(library):
     page = 4096 * (len(data) // 4096 - 1)  # the last page: the header and schema still read fine
     data[page:page + 4096] = np.random.default_rng(1).bytes(4096)
     db.write_bytes(bytes(data))
-    report = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    report = check_library(Library(lib.paths.home, device="cpu"))
     assert not report.ok and _codes(report.findings) == {"database-damaged"}
-    assert "cannot be repaired automatically" in report.findings[0].message
-    assert bytes(data) == db.read_bytes()
+    assert "library.db-wal" in report.findings[0].message and bytes(data) == db.read_bytes()
+    report = check_library(Library(lib.paths.home, device="cpu"), repair=True)
+    assert report.ok, report.lines()
+    assert any("moved the damaged database aside" in a for a in report.actions)
+    [aside] = list(lib.paths.home.glob("library.db.damaged-*"))
+    assert aside.read_bytes() == bytes(data)  # kept exactly as it was found
+    lib = Library(lib.paths.home, device="cpu")
+    assert lib.store.count() == 8 and lib.store.integrity_errors() == []
+    _agree(lib)
 
 
 def test_every_inconsistency_is_found_and_repaired(library, tmp_path, tiny_model):

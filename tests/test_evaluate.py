@@ -165,7 +165,10 @@ def test_report_dict_is_the_one_json_schema_and_progress_counts_all_models(tree,
     calls = []
     reports = evaluate_models(tree, [str(checkpoint), str(other)], EvalConfig(**FAST), tmp_path / "out",
                               progress=lambda done, total: calls.append((done, total)))
-    # One count over both models: 12 images each, never going backwards, ending at 24 of 24.
+    # One count over both models: 12 images each, never going backwards, ending at 24 of 24, after
+    # one (0, None) saying that the slow part begins (see engine.progress).
+    assert calls[0] == (0, None) and calls.count((0, None)) == 1
+    calls = calls[1:]
     assert calls[-1] == (24, 24) and all(total == 24 for _, total in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())["reports"]

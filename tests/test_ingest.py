@@ -7,7 +7,8 @@ import pytest
 from engine.errors import EngineError, IndexMissingError, ModelMismatchError
 from engine.library import Library
 from engine.query import search_library
-from ingest.pipeline import IngestConfig, ingest_paths, reindex_library, remove_paths
+from ingest.pipeline import IngestConfig, ingest_paths, remove_paths
+from ingest.reindex import reindex_library
 from tests.util import make_folder, make_image, tiny_checkpoint
 
 CFG = IngestConfig(batch_size=4, workers=0)
@@ -112,11 +113,11 @@ def test_other_model_is_refused_and_reindex_switches(setup, tmp_path):
     with pytest.raises(ModelMismatchError, match="reindex"):
         ingest_paths(lib, [photos], CFG, model=str(other))
     summary = reindex_library(lib, model=str(other), config=CFG)
-    assert summary["reembedded"] == 6 and summary["vectors"] == 6
+    assert summary.reembedded == 6 and summary.vectors == 6 and summary.switched
     assert lib.model_info().backbone == "test_efficientnet"
     lib.check_model(str(other))
     summary = reindex_library(lib, factory="HNSW32")
-    assert summary["index"] == "HNSW32" and summary["reembedded"] == 0
+    assert summary.index == "HNSW32" and summary.reembedded == 0
     [res] = search_library(lib, [str(photos / "img_001.png")], k=1)
     assert res.hits[0].path == str(photos / "img_001.png")
 
@@ -148,7 +149,8 @@ def test_report_carries_per_stage_seconds(setup):
     # The stages never overlap: together they fit in the wall time (rounding aside).
     assert sum(stages.values()) <= report.seconds + 1e-3
     assert 0 < report.to_dict()["embed_share"] <= 1
-    assert calls[0] == (0, 6) and calls[-1] == (6, 6)
+    # (0, None) first: the paths are good and the slow part begins (see engine.progress)
+    assert calls[0] == (0, None) and [c for c in calls if c[1] is not None][0] == (0, 6) and calls[-1] == (6, 6)
     again = ingest_paths(lib, [photos], CFG)
     assert again.stages.embed == 0.0 and again.stages.decode == 0.0  # nothing changed: nothing decoded
 

@@ -20,6 +20,7 @@ from PIL import Image
 from engine.cli import main
 from engine.embedding import embed_files
 from engine.library import Library
+from engine.output import json_text
 from engine.preprocess import open_image
 from engine.query import search_library
 from ingest.pipeline import IngestConfig, ingest_paths
@@ -275,17 +276,18 @@ def test_cli_never_shows_a_traceback_and_exit_codes_follow_the_outcome(tmp_path,
         if (photos / NON_UTF8).exists():
             r = _cli(home, "query", photos / NON_UTF8, "-k", 1, "--json")
             assert r.exit_code == 0, r.output
-            assert json.loads(r.stdout)["hits"][0]["path"] == str(photos / NON_UTF8)
+            # strict UTF-8 JSON: undecodable bytes as the text \xNN (engine.output)
+            assert json.loads(r.stdout)["hits"][0]["path"] == json_text(str(photos / NON_UTF8))
         # every file failed: non-zero
         r = _cli(home, "ingest", photos / "broken", "--workers", 0)
         assert r.exit_code == 1 and "Traceback" not in r.output
         # a path that does not exist: non-zero, named
         r = _cli(home, "ingest", tmp_path / "no_such_folder", "--workers", 0)
         assert r.exit_code == 1 and "no_such_folder" in r.output and "Traceback" not in r.output
-        # an empty folder: nothing needed doing
+        # an empty folder: said so, non-zero (issue 14: a mistake is never a silent success)
         (tmp_path / "empty").mkdir()
         r = _cli(home, "ingest", tmp_path / "empty", "--workers", 0)
-        assert r.exit_code == 0, r.output
+        assert r.exit_code == 1 and "no images found under" in r.output, r.output
         # querying a broken file or a folder named like an image: one-line errors, no traceback
         r = _cli(home, "query", broken["truncated.jpg"])
         assert r.exit_code == 1 and "truncated.jpg" in r.output and "Traceback" not in r.output

@@ -21,17 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from engine.library import Library
 from engine.service.address import ServiceAddress, address_path, read_address
+from engine.service.app import create_app
 from engine.service.settings import ServiceConfig
 from tests.util import make_folder, make_image
-
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from engine.service.app import create_app  # noqa: E402
 
 TOKEN = "t0k-for-tests"
 MARKUP_NAME = "<img src=x onerror=alert(1)>.png"
@@ -471,30 +468,29 @@ def _cli(home: Path, *args: str):
 
 
 def test_cli_query_and_compare_through_the_service_print_the_same(served, library_home, tmp_path, monkeypatch):
+    import engine.query
+
     home, photos = library_home
     monkeypatch.setenv("ENGINE_TOKEN", TOKEN)
     fresh = make_image(tmp_path / "fresh.png", 777)
     queries = [str(photos / "img_003.png"), str(fresh), str(tmp_path / "missing.png")]
-    for flags in (["--json"], [], ["--json", "--threshold"], ["--threshold", "0.5"]):
+
+    def in_process(*args, **kwargs):
+        raise AssertionError("answered in-process although a service runs")
+
+    for flags in (["--json"], [], ["--json", "--label"], ["--threshold", "0.5"], ["--label", "--exclude-self"]):
         local = _cli(home, "query", *queries, "-k", "4", *flags, "--no-server")
         assert local.exit_code == 0, local.output
-        import engine.query
-
-        def no_local_search(*args, **kwargs):
-            raise AssertionError("searched in-process although a service runs")
-
         with monkeypatch.context() as m:
-            m.setattr(engine.query, "search_library", no_local_search)
+            m.setattr(engine.query, "search_library", in_process)
             remote = _cli(home, "query", *queries, "-k", "4", *flags)
         assert remote.exit_code == 0, remote.output
         assert remote.stdout == local.stdout and remote.stderr == local.stderr
     a, b = str(photos / "img_000.png"), str(photos / "img_007.png")
     for flags in (["--json"], [], ["--threshold", "0.2"]):
         local = _cli(home, "compare", a, b, *flags, "--no-server")
-        import engine.query
-
         with monkeypatch.context() as m:
-            m.setattr(engine.query, "compare_images", lambda *x, **y: (_ for _ in ()).throw(AssertionError("local")))
+            m.setattr(engine.query, "compare_images", in_process)
             remote = _cli(home, "compare", a, b, *flags)
         assert remote.exit_code == local.exit_code == 0, remote.output
         assert remote.stdout == local.stdout
@@ -544,3 +540,36 @@ def test_zz_serve_stops_on_ctrl_c_and_removes_its_record(served, library_home):
     assert served.stop(signal.SIGINT) == 0
     assert not address_path(home).exists()
     assert "serving http://127.0.0.1:" in served.proc.stderr.read()
+
+
+def test_rocchio_and_settings():
+    from engine.service.errors import Unprocessable
+    from engine.service.feedback import rocchio
+    from engine.service.settings import default_workers, is_loopback
+
+    e = np.eye(3, dtype=np.float32)
+    assert np.allclose(rocchio(None, e[:1], np.zeros((0, 3), np.float32)), e[0])
+    moved = rocchio(e[0], e[1:2], e[2:3])
+    assert np.isclose(np.linalg.norm(moved), 1) and moved[0] > moved[1] > 0 > moved[2]
+    with pytest.raises(Unprocessable):
+        rocchio(None, np.zeros((0, 3), np.float32), e[:1])
+    with pytest.raises(Unprocessable):  # the marks cancel out
+        rocchio(None, e[:1], e[:1], beta=1.0, gamma=1.0)
+    assert [default_workers(c) for c in (1, 2, 8, 16, 64)] == [1, 2, 8, 8, 8]
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.com")
+
+
+def test_exclude_path_is_looked_up_never_resolved(client, library_home, tmp_path):
+    home, photos = library_home
+    target = photos / "img_002.png"
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    own = id_of(home, target)
+
+    def ids(**params):
+        return [h["id"] for h in client.post("/api/search", params={"k": 5, **params}, files=upload(target)).json()["hits"]]
+
+    assert own in ids(exclude_path=str(link))  # the server does not follow the link on its disk
+    assert own not in ids(exclude_path=[str(link), str(target)])  # the client sends the real path too
+    assert own not in ids(exclude_path=str(target))

@@ -9,10 +9,9 @@ import re
 import shutil
 
 import pytest
+from playwright import sync_api
 
 from tests.test_service import MARKUP_NAME, N_PHOTOS, ServiceProcess, build_library, service_env
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]

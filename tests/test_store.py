@@ -1,6 +1,7 @@
 import numpy as np
 
 from db import MetadataStore
+from db.store import SCHEMA_VERSION
 
 
 def _row(i, h=None):
@@ -106,4 +107,4 @@ def test_opening_a_new_database_while_another_process_creates_it(tmp_path, monke
 
     monkeypatch.setattr(SQLiteDialect, "has_table", stale_has_table)
     loser = MetadataStore.for_file(tmp_path / "l.db")
-    assert lied and loser.count() == 1 and loser.get_meta("schema_version") == 1
+    assert lied and loser.count() == 1 and loser.get_meta("schema_version") == SCHEMA_VERSION

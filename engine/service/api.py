@@ -13,14 +13,18 @@ import base64
 import binascii
 import functools
 import time
+from datetime import datetime
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
+from engine.errors import EngineError
+from engine.filters import HitFilter
+from engine.output import json_ready
 from engine.service.errors import Unprocessable
 from engine.service.schemas import (MAX_K, CompareResponse, ErrorResponse, HealthResponse, ImageResponse,
                                     RefineRequest, SearchResponse)
@@ -48,7 +52,29 @@ Threshold = Annotated[Optional[str], Query(description="an L2 distance, or 'mode
 WantVector = Annotated[bool, Query(description="also return the query vector (for /api/search/refine)")]
 
 
-def _state(request: Request) -> SearchState:
+async def _filters(max_distance: Annotated[Optional[float], Query(description="only hits at this L2 distance or closer")] = None,
+             taken_after: Annotated[Optional[datetime], Query(description="only photos captured at or after")] = None,
+             taken_before: Annotated[Optional[datetime], Query(description="only photos captured before")] = None,
+             camera: Annotated[Optional[str], Query(max_length=128, description="camera make/model contains")] = None,
+             under: Annotated[Optional[list[str]], Query(description="only files in this folder (repeatable)")] = None,
+             exclude_path: Annotated[Optional[list[str]], Query(max_length=8, description="leave out the image "
+                                                                "indexed at this path (the query's own file; "
+                                                                "repeatable: the path and its real path)")] = None,
+             ) -> tuple[HitFilter, list[str]]:
+    """The search filters of engine.filters.HitFilter as query parameters: the k best hits that
+    pass come back (nothing is lost to a filter). Paths here only select database rows: none is
+    opened, resolved or even stat'ed."""
+    try:
+        return HitFilter(max_distance, taken_after, taken_before, camera, tuple(under or ())), exclude_path or []
+    except EngineError as exc:
+        raise Unprocessable(str(exc)) from None
+
+
+Filters = Annotated[tuple, Depends(_filters)]
+
+
+async def _state(request: Request) -> SearchState:
+    # async, as _filters: FastAPI runs a plain-def dependency on its thread pool, a hop per request
     return request.app.state.search
 
 
@@ -87,13 +113,15 @@ def _hit_dicts(ranking: Ranking) -> list[dict[str, Any]]:
     return out
 
 
-def _answer(ranking: Ranking, started: float, query: dict[str, Any], vector: np.ndarray | None) -> dict[str, Any]:
+def _answer(ranking: Ranking, started: float, query: dict[str, Any], vector: np.ndarray | None) -> JSONResponse:
+    """The search answer. Returned as a response, so FastAPI skips validating it against
+    SearchResponse (which still documents it): that cost a millisecond per search."""
     out: dict[str, Any] = {"hits": _hit_dicts(ranking), "images": ranking.snapshot.images,
                            "generation": ranking.snapshot.generation,
                            "took_ms": round((time.perf_counter() - started) * 1000, 3), "query": query}
     if vector is not None:
         out["vector"] = _encode_vector(vector)
-    return out
+    return JSONResponse(json_ready(out))  # strict UTF-8 JSON: undecodable bytes in names as \xNN (engine.output)
 
 
 async def _read(upload: UploadFile, state: SearchState, field: str) -> bytes:
@@ -109,12 +137,21 @@ async def health(state: State) -> dict[str, Any]:
 @router.post("/search", response_model=SearchResponse, response_model_exclude_unset=True,
              summary="Search by an uploaded photo (multipart field 'image')")
 async def search_upload(state: State, image: Annotated[UploadFile, File(description="the query photo")],
-                        k: K = 10, threshold: Threshold = None, vector: WantVector = False) -> dict[str, Any]:
+                        filters: Filters, k: K = 10, threshold: Threshold = None,
+                        vector: WantVector = False) -> JSONResponse:
     started = time.perf_counter()
     data = await _read(image, state, "image")
     limit = state.resolve_threshold(threshold)
-    query_vector = await _infer(state, state.query_vector, data)
-    ranking = await run_in_threadpool(state.search_vector, query_vector, k, threshold=limit)
+    hit_filter, exclude_path = filters
+
+    def work() -> tuple[np.ndarray, Ranking]:
+        # One job on one inference thread: embed and search without a hop between thread pools
+        # (torch's and FAISS's OpenMP teams would otherwise spin against each other).
+        found = state.query_vector(data)
+        own = state.own_ids(exclude_path) if exclude_path else ()
+        return found, state.search_vector(found, k, threshold=limit, hit_filter=hit_filter, exclude=own)
+
+    query_vector, ranking = await _infer(state, work)
     return _answer(ranking, started, {"name": image.filename or "", "bytes": len(data)},
                    query_vector if vector else None)
 
@@ -122,13 +159,17 @@ async def search_upload(state: State, image: Annotated[UploadFile, File(descript
 @router.get("/search", response_model=SearchResponse, response_model_exclude_unset=True,
             summary="Neighbours of an indexed image (its stored vector; nothing is decoded)")
 async def search_id(state: State, id: Annotated[int, Query(ge=0, description="an indexed image's id")],
-                    k: K = 10, threshold: Threshold = None, vector: WantVector = False) -> dict[str, Any]:
+                    filters: Filters, k: K = 10, threshold: Threshold = None,
+                    vector: WantVector = False) -> JSONResponse:
     started = time.perf_counter()
     limit = state.resolve_threshold(threshold)
+    hit_filter, exclude_path = filters
 
     def work() -> tuple[Ranking, np.ndarray, str]:
         stored = state.stored_vectors([id])[0]
-        return state.search_vector(stored, k, threshold=limit), stored, state.record(id).path
+        own = state.own_ids(exclude_path) if exclude_path else ()
+        return (state.search_vector(stored, k, threshold=limit, hit_filter=hit_filter, exclude=own), stored,
+                state.record(id).path)
 
     ranking, stored, path = await run_in_threadpool(work)
     return _answer(ranking, started, {"id": id, "path": path}, stored if vector else None)
@@ -137,7 +178,7 @@ async def search_id(state: State, id: Annotated[int, Query(ge=0, description="an
 @router.post("/search/refine", response_model=SearchResponse, response_model_exclude_unset=True,
              summary="Relevance feedback: neighbours of the query moved towards 'more like this' and away "
                      "from 'less like this' results (Rocchio on stored vectors)")
-async def search_refine(state: State, body: RefineRequest, vector: WantVector = False) -> dict[str, Any]:
+async def search_refine(state: State, body: RefineRequest, vector: WantVector = False) -> JSONResponse:
     started = time.perf_counter()
     original = None if body.vector is None else _decode_vector(body.vector, state.dim)
     ranking, refined = await run_in_threadpool(state.refine, body.positive, body.negative, original, body.k)
@@ -151,7 +192,7 @@ async def image_record(state: State, image_id: int) -> dict[str, Any]:
         out = state.record(image_id).to_dict()
         out["aliases"] = state.aliases(image_id)
         out["thumbnail"] = f"/api/images/{image_id}/thumbnail"
-        return out
+        return json_ready(out)
 
     return await run_in_threadpool(work)
 
@@ -183,4 +224,4 @@ async def compare(state: State, a: Annotated[UploadFile, File()], b: Annotated[U
 
 @router.get("/info", summary="What `engine info --json` prints")
 async def info(state: State) -> dict[str, Any]:
-    return await run_in_threadpool(state.describe)
+    return json_ready(await run_in_threadpool(state.describe))

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -25,6 +26,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.staticfiles import StaticFiles
 
 from engine.errors import EngineError, ImageError, IndexMissingError
+from engine.output import json_ready
 from engine.service.api import router
 from engine.service.errors import ServiceError
 from engine.service.settings import ServiceConfig
@@ -47,7 +49,7 @@ PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     body = {"error": message, "status": status, **{k: v for k, v in extra.items() if v is not None}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(json_ready(body), status_code=status, headers=headers)  # names: strict UTF-8
 
 
 def _status_of(exc: EngineError) -> int:
@@ -117,13 +119,20 @@ class SecurityHeaders:
 
 
 async def _watch(state: SearchState, every: float) -> None:
-    """Pick up an ingest elsewhere: reload the index whenever the library's generation moves."""
+    """Pick up an ingest elsewhere: reload the index whenever the library's generation moves.
+
+    A reload of a large library takes a while and an ingest bumps the generation every batch, so
+    the next check waits at least four times as long as the last reload took: reloading never
+    takes more than a fifth of one thread, however fast the ingest commits."""
+    wait = every
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(wait)
+        started = time.perf_counter()
         try:
             await run_in_threadpool(state.refresh)
         except Exception as exc:  # a failed reload keeps the current snapshot; the next tick retries
             log.warning("index reload failed (%s); still serving generation %d", exc, state.snapshot.generation)
+        wait = max(every, 4 * (time.perf_counter() - started))
 
 
 def create_app(library: Library, config: ServiceConfig = ServiceConfig(), *,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from engine.service.address import ServiceAddress, database_fingerprint, read_address
 
 if TYPE_CHECKING:
+    from engine.filters import HitFilter
     from engine.query import Comparison, QueryResult
 
 TOKEN_ENV = "ENGINE_TOKEN"
@@ -115,11 +116,15 @@ class ServiceClient:
         ok = status == 200 and body.get("ok") and body.get("instance") == self.address.instance
         return body if ok else None
 
-    def search(self, data: bytes, k: int, threshold: float | str | None) -> tuple[int, dict[str, Any]]:
-        params = {"k": k} if threshold is None else {"k": k, "threshold": repr(threshold) if isinstance(
+    def search(self, data: bytes, k: int, threshold: float | str | None,
+               extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """extra: more query parameters (filters; a list value repeats the parameter)."""
+        params: dict[str, Any] = {"k": k} if threshold is None else {"k": k, "threshold": repr(threshold) if isinstance(
             threshold, float) else threshold}
+        params.update(extra or {})
         body, kind = _multipart([("image", data)])
-        return self.request("POST", "/api/search?" + urllib.parse.urlencode(params), body=body, content_type=kind)
+        return self.request("POST", "/api/search?" + urllib.parse.urlencode(params, doseq=True), body=body,
+                            content_type=kind)
 
     def compare(self, a: bytes, b: bytes, threshold: float | None) -> tuple[int, dict[str, Any]]:
         query = "" if threshold is None else "?" + urllib.parse.urlencode({"threshold": repr(float(threshold))})
@@ -167,16 +172,19 @@ def _hits(rows: list[dict[str, Any]]) -> list[Any]:
     from engine.query import Hit
 
     return [Hit(int(r["rank"]), int(r["id"]), r["path"], float(r["score"]), float(r["distance"]),
-                RemoteRecord.from_hit(r), r.get("similar")) for r in rows]
+                RemoteRecord.from_hit(r), r.get("similar"), tuple(r.get("aliases") or ())) for r in rows]
 
 
 def _query_result(client: ServiceClient, path: str, data: bytes, k: int,
-                  threshold: float | str | None) -> QueryResult:
+                  threshold: float | str | None, extra: dict[str, Any] | None = None,
+                  exclude_self: bool = False) -> QueryResult:
     from engine.query import QueryResult
 
     if not data:  # a file is read as a path in-process, where Pillow names an empty one so
         return QueryResult(path, error="not an image Pillow can identify")
-    status, body = client.search(data, k, threshold)
+    if exclude_self:  # both names of the query's file, as search_library looks it up; the service never resolves it
+        extra = dict(extra or {}, exclude_path=sorted({path, os.path.realpath(path)}))
+    status, body = client.search(data, k, threshold, extra)
     if status == 200:
         return QueryResult(path, _hits(body["hits"]))
     if status in (400, 413, 415, 422) and body.get("field") == "image" and body.get("reason"):
@@ -185,12 +193,14 @@ def _query_result(client: ServiceClient, path: str, data: bytes, k: int,
 
 
 def _search(client: ServiceClient, images: Sequence[str | os.PathLike], k: int, *,
-                           threshold: float | str | None = None) -> list[QueryResult] | None:
+            threshold: float | str | None = None, hit_filter: HitFilter | None = None,
+            exclude_self: bool = False) -> list[QueryResult] | None:
     """``engine.query.search_library`` answered by the service: the same QueryResults in the same
     order (one per missing path first, then one per image file found under ``images``), or None
     when the service cannot answer all of them (the caller then searches in-process).
 
-    threshold: an L2 distance, ``"model"`` (the encoder's calibrated one) or None."""
+    threshold: an L2 distance, ``"model"`` (the encoder's calibrated one) or None; hit_filter and
+    exclude_self as ``search_library`` takes them."""
     from engine.errors import EngineError
     from engine.files import find_images
     from engine.preprocess import image_suffixes
@@ -202,7 +212,9 @@ def _search(client: ServiceClient, images: Sequence[str | os.PathLike], k: int, 
         raise EngineError("no image files under " + ", ".join(os.fspath(p) for p in images))
     try:
         datas = _read_files(client, found.files)
-        return missing + [_query_result(client, p, d, k, threshold) for p, d in zip(found.files, datas)]
+        extra = hit_filter.to_query() if hit_filter is not None else {}
+        return missing + [_query_result(client, p, d, k, threshold, extra, exclude_self)
+                          for p, d in zip(found.files, datas)]
     except NoService:
         return None
 
@@ -229,14 +241,15 @@ def _compare(client: ServiceClient, a: str, b: str, threshold: float | None) -> 
 
 
 def search_via_service(home: str | os.PathLike | None, database_url: str | None, images: Sequence[str | os.PathLike],
-                       k: int, *, threshold: float | str | None = None) -> list[QueryResult] | None:
+                       k: int, *, threshold: float | str | None = None, hit_filter: HitFilter | None = None,
+                       exclude_self: bool = False) -> list[QueryResult] | None:
     """What ``search_library`` returns, from the service serving this library, or None when no
     service answers for it (see ``connect``) or it cannot answer this query as in-process would."""
     client = connect(home, database_url)
     if client is None:
         return None
     try:
-        return _search(client, images, k, threshold=threshold)
+        return _search(client, images, k, threshold=threshold, hit_filter=hit_filter, exclude_self=exclude_self)
     finally:
         client.close()
 

@@ -42,6 +42,7 @@ class HitModel(BaseModel):
     bytes: Optional[int] = None
     taken_at: Optional[str] = None
     camera: Optional[str] = None
+    aliases: list[str] = Field(default_factory=list, description="byte-identical copies of this image")
 
 
 class SearchResponse(BaseModel):

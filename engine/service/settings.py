@@ -21,10 +21,14 @@ def is_loopback(host: str) -> bool:
 
 
 def default_workers(cores: int | None = None) -> int:
-    """Inference threads for ``cores`` CPU cores: one per four cores, between 1 and 4. Each gets
-    ``cores // workers`` torch threads, so together they never ask for more threads than cores."""
+    """Inference threads for ``cores`` CPU cores: one per core, at most 8. Each gets ``cores //
+    workers`` torch threads, so together they never ask for more threads than cores.
+
+    Single-threaded workers rather than one wide one: concurrent requests then run side by side,
+    and no OpenMP team spins at a barrier waiting for a thread the OS has given to another process
+    (measured on 2 busy cores: 2 torch threads 650-735 ms per query, 1 thread 62-70 ms)."""
     cores = cores or os.cpu_count() or 1
-    return max(1, min(4, cores // 4))
+    return max(1, min(8, cores))
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,7 @@ function showTip(figure, hit) {
       .filter(Boolean).join(" · ")],
     ["date", date(hit.taken_at)],
     ["camera", hit.camera || ""],
+    ["copies", (hit.aliases || []).join("\n")],
     ["match", `score ${hit.score.toFixed(4)} · distance ${hit.distance.toFixed(4)}`],
   ];
   for (const [label, value] of rows) {

@@ -1,0 +1,80 @@
+"""Whether an indexed file is gone, and whether forgetting missing files is safe at all: the one
+rule (``split_missing``) that ``engine ingest --prune`` and ``engine doctor --repair`` share.
+
+A file is gone only when the system says it does not exist (ENOENT, or ENOTDIR: a folder on its
+path is now a file). Any other error (permission denied, an I/O error, a stale network mount) says
+nothing about the file, so it is never taken for gone.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from typing import Iterable
+
+PRESENT = "present"
+GONE = "gone"
+UNKNOWN = "unknown"
+
+UNMOUNTED = "every indexed file there is missing, which looks like an unmounted drive"
+
+
+def probe(path: str) -> tuple[str, os.stat_result | None]:
+    """(PRESENT, its stat) / (GONE, None) / (UNKNOWN, None) for ``path`` (symlinks followed)."""
+    try:
+        return PRESENT, os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return GONE, None
+    except (OSError, ValueError):
+        return UNKNOWN, None
+
+
+def split_missing(missing: Iterable[str], indexed: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    """Split ``missing`` (indexed files found gone) into those safe to forget and those to keep.
+
+    Each missing file is judged by its nearest folder that still exists: when every file indexed
+    under that folder (``indexed``: every known path, absolute) is missing too (``looks_unmounted``),
+    the folder looks like an unmounted drive or a renamed mount point, and its files are kept.
+    Returns (forgettable paths, {folder: files kept})."""
+    missing = sorted(set(missing))
+    ordered = sorted(set(indexed) | set(missing))
+    nearest: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for path in missing:
+        groups.setdefault(_existing_folder(os.path.dirname(path), nearest), []).append(path)
+    forget: list[str] = []
+    kept: dict[str, int] = {}
+    for folder, paths in groups.items():
+        if looks_unmounted(_count_under(ordered, folder), _count_under(missing, folder)):
+            kept[folder] = len(paths)
+        else:
+            forget += paths
+    return forget, kept
+
+
+def _existing_folder(folder: str, cache: dict[str, str]) -> str:
+    """``folder`` or its nearest ancestor that exists (a folder we cannot look into counts as
+    existing: nothing below it is judged missing by ``probe`` anyway)."""
+    walked: list[str] = []
+    while folder not in cache:
+        if probe(folder)[0] != GONE or os.path.dirname(folder) == folder:
+            cache[folder] = folder
+            break
+        walked.append(folder)
+        folder = os.path.dirname(folder)
+    for step in walked:
+        cache[step] = cache[folder]
+    return cache[folder]
+
+
+def _count_under(ordered: list[str], folder: str) -> int:
+    """How many of the sorted paths ``ordered`` lie inside ``folder``."""
+    prefix = folder.rstrip(os.sep) + os.sep
+    return bisect.bisect_left(ordered, prefix[:-1] + chr(ord(os.sep) + 1)) - bisect.bisect_left(ordered, prefix)
+
+
+def looks_unmounted(indexed: int, missing: int) -> bool:
+    """True when forgetting the ``missing`` of ``indexed`` files would be unsafe: some are indexed
+    and every one of them is missing at once, far likelier an unmounted drive (or a renamed mount
+    point) than a deliberate deletion. ``engine remove PATH`` forgets such files on purpose."""
+    return indexed > 0 and missing >= indexed
