@@ -139,8 +139,10 @@ _DATES = ["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "
 @click.option("--threshold", type=Threshold(), default=None, help="Only hits at L2 distance <= D (a number).")
 @click.option("--label", is_flag=True, help="Mark each hit similar/different by the encoder's calibrated threshold.")
 @click.option("--exclude-self", is_flag=True, help="Leave out each query's own file (and its byte-identical copies).")
-@click.option("--taken-after", type=click.DateTime(_DATES), help="Only photos captured at or after DATE (EXIF).")
-@click.option("--taken-before", type=click.DateTime(_DATES), help="Only photos captured before DATE (EXIF).")
+@click.option("--taken-after", type=click.DateTime(_DATES), metavar="DATE",
+              help="Only photos captured at or after DATE (EXIF).")
+@click.option("--taken-before", type=click.DateTime(_DATES), metavar="DATE",
+              help="Only photos captured before DATE (EXIF).")
 @click.option("--camera", help="Only photos whose camera make or model contains TEXT (any case).")
 @click.option("--under", multiple=True, type=click.Path(file_okay=False), help="Only photos in FOLDER (repeatable).")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the hits' paths, one per line (for xargs).")
