@@ -33,8 +33,11 @@ def split_missing(missing: Iterable[str], indexed: Iterable[str]) -> tuple[list[
     """Split ``missing`` (indexed files found gone) into those safe to forget and those to keep.
 
     Each missing file is judged by its nearest folder that still exists: when every file indexed
-    under that folder (``indexed``: every known path, absolute) is missing too (``looks_unmounted``),
-    the folder looks like an unmounted drive or a renamed mount point, and its files are kept.
+    under that folder (``indexed``: every known path, absolute) is missing too (``looks_unmounted``)
+    and the folder is now empty, it looks like an unmounted drive (an empty mount point) or a
+    renamed mount point, and its files are kept; so are all of them when every indexed file is
+    missing at once. A folder that still holds anything was changed on
+    purpose: deleting the only photo of a folder, or all photos beside a sidecar file, is pruned.
     Returns (forgettable paths, {folder: files kept})."""
     missing = sorted(set(missing))
     ordered = sorted(set(indexed) | set(missing))
@@ -44,8 +47,10 @@ def split_missing(missing: Iterable[str], indexed: Iterable[str]) -> tuple[list[
         groups.setdefault(_existing_folder(os.path.dirname(path), nearest), []).append(path)
     forget: list[str] = []
     kept: dict[str, int] = {}
+    everything = looks_unmounted(len(ordered), len(missing))
     for folder, paths in groups.items():
-        if looks_unmounted(_count_under(ordered, folder), _count_under(missing, folder)):
+        if everything or (looks_unmounted(_count_under(ordered, folder), _count_under(missing, folder))
+                          and _is_empty(folder)):
             kept[folder] = len(paths)
         else:
             forget += paths
@@ -67,6 +72,16 @@ def _existing_folder(folder: str, cache: dict[str, str]) -> str:
     return cache[folder]
 
 
+def _is_empty(folder: str) -> bool:
+    """True when ``folder`` holds no entry at all (what an unmounted mount point looks like); a
+    folder that cannot be listed counts as empty, so its files are kept."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return True
+
+
 def _count_under(ordered: list[str], folder: str) -> int:
     """How many of the sorted paths ``ordered`` lie inside ``folder``."""
     prefix = folder.rstrip(os.sep) + os.sep
@@ -74,7 +89,7 @@ def _count_under(ordered: list[str], folder: str) -> int:
 
 
 def looks_unmounted(indexed: int, missing: int) -> bool:
-    """True when forgetting the ``missing`` of ``indexed`` files would be unsafe: some are indexed
-    and every one of them is missing at once, far likelier an unmounted drive (or a renamed mount
+    """True when forgetting the ``missing`` of ``indexed`` files would be unsafe: more than one is
+    indexed and every one of them is missing at once, far likelier an unmounted drive (or a renamed mount
     point) than a deliberate deletion. ``engine remove PATH`` forgets such files on purpose."""
-    return indexed > 0 and missing >= indexed
+    return indexed > 1 and missing >= indexed

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from engine.cli import main
 from engine.library import Library
 from ingest.pipeline import IngestConfig, ingest_paths
+from ingest.presence import UNMOUNTED
 from tests.util import make_image
 
 CFG = IngestConfig(batch_size=2, workers=0)
@@ -104,8 +105,9 @@ def _check(lib: Library, root: Path, before: dict[int, tuple[str, str, int, floa
     assert not gone_rows, f"a moved photo left behind at {gone_rows}"
     recorded = set(row_paths) | set(aliases)
     if prune:  # 6
-        if getattr(report, "prune_kept", None):
-            assert not disk or not recorded & set(disk), report.prune_kept
+        if getattr(report, "prune_kept", None):  # only an empty folder (an unmounted drive) is kept
+            emptied = all(not os.listdir(folder) for folder, why, _ in report.prune_kept if why == UNMOUNTED)
+            assert emptied or not recorded & set(disk), report.prune_kept
         else:
             assert recorded <= set(disk), f"--prune left {sorted(recorded - set(disk))}"
     before_by_content: dict[str, set[int]] = {}

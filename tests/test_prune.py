@@ -109,6 +109,24 @@ def test_a_second_drive_unmounted_keeps_its_rows_in_prune_and_doctor(tmp_path, t
     assert r.exit_code == 1 and f"not pruned under {drive}" in r.output
 
 
+def test_deleting_the_only_photo_of_a_folder_or_all_beside_a_sidecar_is_pruned(tmp_path, tiny_model):
+    """A folder that still exists and is not empty was changed on purpose: its missing photos are
+    pruned even when every indexed file in it is gone (found by the seeded convergence test)."""
+    lib, photos = _library(tmp_path, tiny_model)
+    make_image(photos / "single" / "only.png", 500)
+    make_image(photos / "pair" / "a.png", 501)
+    make_image(photos / "pair" / "b.png", 502)
+    ingest_paths(lib, [photos], IngestConfig(batch_size=4, workers=0))
+    rows = lib.store.count()
+    (photos / "single" / "only.png").unlink()  # the folder is left empty, but held one photo only
+    for name in ("a.png", "b.png"):
+        (photos / "pair" / name).unlink()
+    (photos / "pair" / "notes.xmp").write_text("sidecar")
+    report = ingest_paths(lib, [photos], PRUNE)
+    assert report.removed == 3 and report.prune_kept == [], report.prune_kept
+    assert lib.store.count() == rows - 3
+
+
 def test_split_missing_is_the_shared_rule(tmp_path):
     (tmp_path / "kept").mkdir()
     (tmp_path / "real").mkdir()
