@@ -98,7 +98,8 @@ def upload_latency(home: Path, server: Server, data: bytes, repeats: int, thread
     """Seconds per search of ``data``, (through the service, bare in this process), measured in
     alternation so that both see the same machine. Bare: decode, preprocess, embed, and the
     engine's ranking (search, records, aliases) with ``threads`` torch threads (what one of the service's inference workers gets).
-    Through the service: all that plus HTTP, multipart, the indexed-bytes lookup and JSON."""
+    Through the service: all that plus HTTP, multipart and JSON (the indexed-bytes lookup only
+    when an indexed file has the upload's size: not for this held-out photo)."""
     import torch
 
     from engine.filters import rank_hits

@@ -27,10 +27,10 @@ from engine.filters import HitFilter
 from engine.output import json_ready
 from engine.service.errors import Unprocessable
 from engine.service.schemas import (MAX_K, CompareResponse, ErrorResponse, HealthResponse, ImageResponse,
-                                    RefineRequest, SearchResponse)
-from engine.service.state import Ranking, SearchState
+                                    RefineRequest, SearchResponse, parse_upload_query, upload_search_openapi)
+from engine.service.state import Ranking, SearchState, Snapshot
 from engine.service.thumbnails import snap_size
-from engine.service.uploads import check_size
+from engine.service.uploads import check_size, read_file_field
 
 T = TypeVar("T")
 
@@ -64,8 +64,13 @@ async def _filters(max_distance: Annotated[Optional[float], Query(description="o
     """The search filters of engine.filters.HitFilter as query parameters: the k best hits that
     pass come back (nothing is lost to a filter). Paths here only select database rows: none is
     opened, resolved or even stat'ed."""
+    return _hit_filter(max_distance, taken_after, taken_before, camera, under), exclude_path or []
+
+
+def _hit_filter(max_distance: float | None, taken_after: datetime | None, taken_before: datetime | None,
+                camera: str | None, under: list[str] | None) -> HitFilter:
     try:
-        return HitFilter(max_distance, taken_after, taken_before, camera, tuple(under or ())), exclude_path or []
+        return HitFilter(max_distance, taken_after, taken_before, camera, tuple(under or ()))
     except EngineError as exc:
         raise Unprocessable(str(exc)) from None
 
@@ -134,26 +139,38 @@ async def health(state: State) -> dict[str, Any]:
     return {"ok": True, "images": snapshot.images, "generation": snapshot.generation, "instance": state.instance}
 
 
-@router.post("/search", response_model=SearchResponse, response_model_exclude_unset=True,
-             summary="Search by an uploaded photo (multipart field 'image')")
-async def search_upload(state: State, image: Annotated[UploadFile, File(description="the query photo")],
-                        filters: Filters, k: K = 10, threshold: Threshold = None,
-                        vector: WantVector = False) -> JSONResponse:
+# Search by upload is the hot path: its handler parses its own query (one pydantic model) and
+# streams the multipart body through python-multipart's parser itself (no spooled file, no form
+# object, no dependency solving), on a router without the bearer dependency (the middleware has
+# checked the token already); its parameters are documented by hand.
+upload_router = APIRouter(prefix="/api", responses=_errors)
+
+
+@upload_router.post("/search", response_model=SearchResponse, response_model_exclude_unset=True,
+                    summary="Search by an uploaded photo (multipart field 'image')",
+                    openapi_extra=upload_search_openapi("image", "the query photo"))
+async def search_upload(request: Request) -> JSONResponse:
     started = time.perf_counter()
-    data = await _read(image, state, "image")
-    limit = state.resolve_threshold(threshold)
-    hit_filter, exclude_path = filters
+    state: SearchState = request.app.state.search
+    params = parse_upload_query(request.query_params)
+    hit_filter = _hit_filter(params.max_distance, params.taken_after, params.taken_before, params.camera,
+                             params.under)
+    exclude_path = params.exclude_path or []
+    data, name = await read_file_field(request.headers, request.stream(), "image", state.config.max_upload_bytes)
 
     def work() -> tuple[np.ndarray, Ranking]:
         # One job on one inference thread: embed and search without a hop between thread pools
-        # (torch's and FAISS's OpenMP teams would otherwise spin against each other).
-        found = state.query_vector(data)
+        # (torch's and FAISS's OpenMP teams would otherwise spin against each other). One
+        # snapshot: the encoder that embeds and the index searched belong together.
+        snapshot = state.snapshot
+        limit = state.resolve_threshold(params.threshold, snapshot)
+        found = state.query_vector(data, snapshot=snapshot)
         own = state.own_ids(exclude_path) if exclude_path else ()
-        return found, state.search_vector(found, k, threshold=limit, hit_filter=hit_filter, exclude=own)
+        return found, state.search_vector(found, params.k, threshold=limit, hit_filter=hit_filter, exclude=own,
+                                          snapshot=snapshot)
 
     query_vector, ranking = await _infer(state, work)
-    return _answer(ranking, started, {"name": image.filename or "", "bytes": len(data)},
-                   query_vector if vector else None)
+    return _answer(ranking, started, {"name": name, "bytes": len(data)}, query_vector if params.vector else None)
 
 
 @router.get("/search", response_model=SearchResponse, response_model_exclude_unset=True,
@@ -162,16 +179,16 @@ async def search_id(state: State, id: Annotated[int, Query(ge=0, description="an
                     filters: Filters, k: K = 10, threshold: Threshold = None,
                     vector: WantVector = False) -> JSONResponse:
     started = time.perf_counter()
-    limit = state.resolve_threshold(threshold)
     hit_filter, exclude_path = filters
 
-    def work() -> tuple[Ranking, np.ndarray, str]:
-        stored = state.stored_vectors([id])[0]
+    def work(snapshot: Snapshot) -> tuple[Ranking, np.ndarray, str]:
+        limit = state.resolve_threshold(threshold, snapshot)
+        stored = state.stored_vectors([id], snapshot)[0]
         own = state.own_ids(exclude_path) if exclude_path else ()
-        return (state.search_vector(stored, k, threshold=limit, hit_filter=hit_filter, exclude=own), stored,
-                state.record(id).path)
+        return (state.search_vector(stored, k, threshold=limit, hit_filter=hit_filter, exclude=own,
+                                    snapshot=snapshot), stored, state.record(id).path)
 
-    ranking, stored, path = await run_in_threadpool(work)
+    ranking, stored, path = await run_in_threadpool(state.consistent, work)
     return _answer(ranking, started, {"id": id, "path": path}, stored if vector else None)
 
 
@@ -180,8 +197,12 @@ async def search_id(state: State, id: Annotated[int, Query(ge=0, description="an
                      "from 'less like this' results (Rocchio on stored vectors)")
 async def search_refine(state: State, body: RefineRequest, vector: WantVector = False) -> JSONResponse:
     started = time.perf_counter()
-    original = None if body.vector is None else _decode_vector(body.vector, state.dim)
-    ranking, refined = await run_in_threadpool(state.refine, body.positive, body.negative, original, body.k)
+
+    def work(snapshot: Snapshot) -> tuple[Ranking, np.ndarray]:
+        original = None if body.vector is None else _decode_vector(body.vector, snapshot.dim)
+        return state.refine(body.positive, body.negative, original, body.k, snapshot)
+
+    ranking, refined = await run_in_threadpool(state.consistent, work)
     return _answer(ranking, started, {"positive": body.positive, "negative": body.negative},
                    refined if vector else None)
 

@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from engine.errors import EngineError, ImageError, IndexMissingError
 from engine.output import json_ready
-from engine.service.api import router
+from engine.service.api import router, upload_router
 from engine.service.errors import ServiceError
 from engine.service.settings import ServiceConfig
 from engine.service.state import SearchState
@@ -187,6 +187,7 @@ def create_app(library: Library, config: ServiceConfig = ServiceConfig(), *,
         return _error(500, f"internal error: {type(exc).__name__}: {first}")
 
     app.include_router(router)
+    app.include_router(upload_router)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -4,9 +4,10 @@ FastAPI's OpenAPI page (``/docs``, ``/openapi.json``). A hit has the shape of a 
 
 from __future__ import annotations
 
-from typing import Optional
+from datetime import datetime
+from typing import Any, Mapping, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_K = 1000
 MAX_MARKS = 200
@@ -84,3 +85,59 @@ class CompareResponse(BaseModel):
     distance: float
     threshold: float
     verdict: str = Field(description="similar or different")
+
+
+class UploadSearchQuery(BaseModel):
+    """The query parameters of ``POST /api/search``, validated as FastAPI validates query
+    parameters (the route reads its multipart body itself: see ``parse_upload_query``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    k: int = Field(10, ge=1, le=MAX_K, description="how many neighbours")
+    threshold: Optional[str] = Field(None, description="an L2 distance, or 'model' for the encoder's calibrated "
+                                                       "one: each hit then says whether it is similar")
+    vector: bool = Field(False, description="also return the query vector (for /api/search/refine)")
+    max_distance: Optional[float] = Field(None, description="only hits at this L2 distance or closer")
+    taken_after: Optional[datetime] = Field(None, description="only photos captured at or after")
+    taken_before: Optional[datetime] = Field(None, description="only photos captured before")
+    camera: Optional[str] = Field(None, max_length=128, description="camera make/model contains")
+    under: Optional[list[str]] = Field(None, description="only files in this folder (repeatable)")
+    exclude_path: Optional[list[str]] = Field(None, max_length=8, description="leave out the image indexed at this "
+                                              "path (the query's own file; repeatable: the path and its real path)")
+
+
+_LISTS = frozenset(name for name, f in UploadSearchQuery.model_fields.items() if "list" in str(f.annotation))
+
+
+def parse_upload_query(params: Any) -> UploadSearchQuery:
+    """``UploadSearchQuery`` from Starlette ``QueryParams`` (a repeated scalar: its last value, as
+    FastAPI takes it). Raises FastAPI's RequestValidationError, answered 422 as any other."""
+    from fastapi.exceptions import RequestValidationError
+
+    given: dict[str, Any] = {}
+    for name in UploadSearchQuery.model_fields:
+        if name in params:
+            given[name] = params.getlist(name) if name in _LISTS else params[name]
+    if not given:
+        return _DEFAULT_QUERY
+    try:
+        return UploadSearchQuery.model_validate(given)
+    except ValidationError as exc:
+        errors = [dict(err, loc=("query", *err.get("loc", ()))) for err in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+_DEFAULT_QUERY = UploadSearchQuery()
+
+
+def upload_search_openapi(field: str, description: str) -> dict[str, Any]:
+    """The OpenAPI description of ``POST /api/search``'s parameters and multipart body (FastAPI
+    cannot infer them from a handler that parses its own request)."""
+    schema = UploadSearchQuery.model_json_schema()
+    parameters = [{"name": name, "in": "query", "required": False, "schema": prop,
+                   "description": prop.get("description", "")}
+                  for name, prop in schema["properties"].items()]
+    body: Mapping[str, Any] = {"type": "object", "required": [field],
+                               "properties": {field: {"type": "string", "format": "binary", "description": description}}}
+    return {"parameters": parameters, "security": [{"HTTPBearer": []}],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}

@@ -1,14 +1,20 @@
-"""What a running service holds: the library's encoder and an immutable snapshot of its index,
-and the search operations the API exposes.
+"""What a running service holds: the library's encoder and index as one immutable snapshot, and
+the search operations the API exposes.
 
-Consistency: a request takes the current ``Snapshot`` once and uses only it. A reload (an ingest
-elsewhere bumped the library's generation) builds a complete new index off to the side, then
-replaces the snapshot reference in one assignment; requests already running finish on the old
-one. So no request ever sees an index half-way between two states.
+Consistency: a request takes the current ``Snapshot`` once and uses only it: the encoder that
+embeds an upload and the index it is searched in always belong together. A reload (an ingest
+elsewhere bumped the library's generation; ``engine reindex --model`` switched the library to
+another encoder) builds a complete new snapshot off to the side, loading the new encoder only when
+the library's model identity differs from the loaded one, then replaces the snapshot reference in
+one assignment; requests already running finish on the old one. So no request ever sees an index
+half-way between two states, nor vectors of one model compared with those of another. Vectors
+read from the database at request time (search by id, refine, an upload of indexed bytes) are
+checked against the snapshot's embeddings epoch.
 
 Threads: decoding and the encoder run on ``infer``, a pool of ``ServiceConfig.inference_workers()``
 threads with ``torch_threads()`` torch threads each (together no more than the cores); the index,
-the database and reloads run on the caller's thread (the app's thread pool).
+the database and reloads run on the caller's thread (the app's thread pool); a new encoder is
+built on an inference thread.
 """
 
 from __future__ import annotations
@@ -19,14 +25,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from engine.errors import IndexMissingError
 from engine.loader import hash_bytes
 from engine.query import Comparison, Hit
-from engine.service.errors import NotFound, Unprocessable
+from engine.service.errors import NotFound, Unavailable, Unprocessable
 from engine.service.feedback import rocchio
 from engine.service.settings import ServiceConfig
 from engine.service.thumbnails import ThumbnailCache
@@ -43,16 +49,82 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+INFER_PREFIX = "engine-infer"
+RELOAD_TRIES = 3
+
+
+class StaleSnapshot(Unavailable):
+    """Vectors read from the database belong to another encoder than the request's snapshot (a
+    model switch committed meanwhile). ``SearchState.consistent`` reloads and retries once."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """An encoder and what embedding an upload through it needs: ``transform`` (PIL image ->
+    float32 tensor [3, H, W]), the decoder's draft size, the calibrated threshold, its identity."""
+
+    encoder: Encoder
+    identity: str
+    transform: Callable[[Any], Any]
+    draft_size: int | None
+    threshold: float | None
+
+    @classmethod
+    def of(cls, encoder: Encoder) -> Model:
+        from engine.preprocess import build_transform, draft_size_for
+
+        return cls(encoder, encoder.identity(), build_transform(encoder.data_config),
+                   draft_size_for(encoder.data_config), encoder.decision_threshold)
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+
+class SizeFilter:
+    """The byte sizes of the files a snapshot's library indexed, so that an upload whose size no
+    indexed file has skips the content-hash lookup (a hash and a database query, ~0.3 ms). Filled
+    once, off the request path (by the reload that made the snapshot, or the next watcher tick);
+    until then ``may_hold`` says True and the lookup is done. Sizes read after the snapshot was
+    taken: a superset of its files' sizes, less those removed since (no longer indexed)."""
+
+    def __init__(self) -> None:
+        self._sizes: np.ndarray | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._sizes is not None
+
+    def fill(self, library: Library) -> None:
+        sizes = np.unique(np.fromiter((size for _, size, _ in library.store.file_stats()), np.int64))
+        self._sizes = sizes  # one reference assignment: readers see None or the whole array
+
+    def may_hold(self, size: int) -> bool:
+        sizes = self._sizes
+        if sizes is None:
+            return True
+        at = int(np.searchsorted(sizes, size))
+        return at < len(sizes) and int(sizes[at]) == size
+
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One consistent state of the library: ``index`` reflects at least database ``generation``;
-    ``images`` is the number of vectors it holds. Never mutated after it is built."""
+    """One consistent state of the library: ``index`` reflects at least database ``generation``
+    and holds vectors of ``model`` (embeddings ``epoch``); ``images`` is the number of vectors it
+    holds. Never mutated after it is built."""
 
+    model: Model
     index: VectorIndex
     generation: int
+    epoch: int
     images: int
     loaded_at: float
+    sizes: SizeFilter
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
 
 
 @dataclass(frozen=True)
@@ -64,7 +136,7 @@ class Ranking:
 
 
 class SearchState:
-    """The service's library, encoder and index snapshot. ``open()`` loads them (blocking);
+    """The service's library and its (encoder, index) snapshot. ``open()`` loads them (blocking);
     ``close()`` stops the inference threads and restores torch's thread count."""
 
     def __init__(self, library: Library, config: ServiceConfig = ServiceConfig()):
@@ -73,10 +145,6 @@ class SearchState:
         self.instance = secrets.token_hex(8)
         self.thumbnails = ThumbnailCache(library.paths.home / "thumbnails")
         self.infer: ThreadPoolExecutor | None = None
-        self._encoder: Encoder | None = None
-        self._transform: Callable[[Any], Any] | None = None
-        self._draft_size: int | None = None
-        self._threshold: float | None = None
         self._snapshot: Snapshot | None = None
         self._reload_lock = threading.Lock()
         self._torch_threads: int | None = None
@@ -87,22 +155,13 @@ class SearchState:
         never set up (nothing ingested)."""
         import torch
 
-        from engine.preprocess import build_transform, draft_size_for
-
         if not self.library.exists():
             raise IndexMissingError(f"no library in {self.library.paths.home} yet; run `engine ingest PATH` first")
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(self.config.torch_threads())
-        self.infer = ThreadPoolExecutor(self.config.inference_workers(), thread_name_prefix="engine-infer")
-        # Built on an inference thread, so that torch's OpenMP threads exist only for those: a
-        # second team on the main thread makes libgomp throttle every team (measured: a single
-        # query 12 ms -> 20 ms on 2 cores).
-        encoder = self.infer.submit(self.library.encoder).result()
-        self._encoder = encoder
-        self._transform = build_transform(encoder.data_config)
-        self._draft_size = draft_size_for(encoder.data_config)
-        self._threshold = encoder.decision_threshold
-        self._snapshot = self._load_snapshot()
+        self.infer = ThreadPoolExecutor(self.config.inference_workers(), thread_name_prefix=INFER_PREFIX)
+        self._snapshot = self._load_snapshot(None)
+        self._snapshot.sizes.fill(self.library)
 
     def close(self) -> None:
         if self.infer is not None:
@@ -123,81 +182,142 @@ class SearchState:
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            raise IndexMissingError("the service has not loaded its encoder yet")
-        return self._encoder
+        return self.snapshot.model.encoder
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        return self.snapshot.dim
 
-    def _load_snapshot(self) -> Snapshot:
+    def _load_model(self) -> Model:
+        """The library's current encoder, read again from its home. Built on an inference thread,
+        so that torch's OpenMP threads exist only for those: a second team on another thread makes
+        libgomp throttle every team (measured: a single query 12 ms -> 20 ms on 2 cores)."""
+        def build() -> Model:
+            self.library.forget_encoder()
+            return Model.of(self.library.encoder())
+
+        if self.infer is None or threading.current_thread().name.startswith(INFER_PREFIX):
+            return build()
+        return self.infer.submit(build).result()
+
+    def _load_snapshot(self, current: Snapshot | None) -> Snapshot:
+        """A complete new snapshot: the loaded model kept when the library's model identity is
+        still its own, else the new encoder loaded; then the index. Retried when a model switch
+        commits while it loads, so that model, index and epoch always belong together."""
         store = self.library.store
-        generation = store.generation()  # read first: the index opened next holds at least this
-        index = self.library.open_index(required=False)
-        if index is None:
-            raise IndexMissingError(f"no index in {self.library.paths.home} yet; run `engine ingest PATH` first")
-        return Snapshot(index, generation, index.ntotal, time.time())
+        model = current.model if current is not None else None
+        for _ in range(RELOAD_TRIES):
+            info = self.library.model_info()
+            if info is None:
+                raise IndexMissingError(f"no library in {self.library.paths.home} yet; run `engine ingest PATH` first")
+            if model is None or model.identity != info.identity:
+                model = self._load_model()
+                log.info("encoder loaded: %s (%s)", model.identity, info.spec)
+            generation, epoch = store.generation(), store.embeddings_epoch()  # read first: the index holds at least this
+            index = self.library.open_index(required=False)
+            if index is None:
+                raise IndexMissingError(f"no index in {self.library.paths.home} yet; run `engine ingest PATH` first")
+            after = self.library.model_info()
+            if store.embeddings_epoch() == epoch and after is not None and after.identity == model.identity \
+                    and index.dim == model.dim:
+                return Snapshot(model, index, generation, epoch, index.ntotal, time.time(), SizeFilter())
+            model = None if after is None or after.identity != model.identity else model
+        raise Unavailable("the library's encoder kept changing while the service reloaded it; try again")
 
-    def refresh(self) -> bool:
-        """Reload the index when the library's generation moved on (an ingest, a removal); True
-        when a new snapshot was installed. Concurrent callers wait for one reload, not several."""
+    def refresh(self, *, fill_sizes: bool = True) -> bool:
+        """Reload when the library's generation moved on (an ingest, a removal, a model switch);
+        True when a new snapshot was installed. Concurrent callers wait for one reload, not several.
+        fill_sizes: then also fill the snapshot's SizeFilter (a scan of the file table; the
+        watcher does it, a request that has to reload does not)."""
         current = self.snapshot
         if self.library.store.generation() == current.generation:
+            if fill_sizes and not current.sizes.ready:
+                current.sizes.fill(self.library)
             return False
         with self._reload_lock:
             if self._snapshot is not current:  # another caller reloaded while we waited
                 return True
-            fresh = self._load_snapshot()
+            fresh = self._load_snapshot(current)
             self._snapshot = fresh  # one reference assignment: requests see old or new, never between
         log.info("index reloaded: generation %d, %d images", fresh.generation, fresh.images)
+        if fill_sizes:
+            fresh.sizes.fill(self.library)
         return True
 
+    def consistent(self, fn: Callable[[Snapshot], T]) -> T:
+        """``fn(snapshot)`` on the current snapshot; when it finds the database's vectors newer than
+        that snapshot (StaleSnapshot: a model switch), once more on a reloaded one. Blocking: not
+        on an inference thread when a new encoder may have to be loaded."""
+        try:
+            return fn(self.snapshot)
+        except StaleSnapshot:
+            self.refresh(fill_sizes=False)
+            return fn(self.snapshot)
+
     # -- vectors -------------------------------------------------------------------------------
-    def stored_vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored vectors float32 [len(ids), D] in the order of ``ids``. Raises NotFound naming
-        the ids the library does not hold."""
+    def _check_epoch(self, snapshot: Snapshot) -> None:
+        """Raise StaleSnapshot when the stored vectors just read may not be ``snapshot``'s: the
+        epoch only grows, so an unchanged epoch read after them means no switch came between."""
+        if self.library.store.embeddings_epoch() != snapshot.epoch:
+            raise StaleSnapshot("the library switched to another encoder during this request; try again")
+
+    def stored_vectors(self, ids: Sequence[int], snapshot: Snapshot | None = None) -> np.ndarray:
+        """Stored vectors float32 [len(ids), D] in the order of ``ids``, made by ``snapshot``'s
+        encoder (default: the current one). Raises NotFound naming the ids the library does not
+        hold, StaleSnapshot when the library switched encoders since ``snapshot``."""
+        snapshot = snapshot or self.snapshot
         wanted = [int(i) for i in ids]
-        got_ids, vectors = self.library.store.get_embeddings(wanted, self.dim)
+        if not wanted:
+            return np.zeros((0, snapshot.dim), np.float32)
+        got_ids, vectors = self.library.store.get_embeddings(wanted, snapshot.dim)
+        self._check_epoch(snapshot)
         rows = {int(i): v for i, v in zip(got_ids, vectors)}
         unknown = [i for i in wanted if i not in rows]
         if unknown:
             raise NotFound(f"no indexed image with id {', '.join(map(str, unknown))}")
-        return np.stack([rows[i] for i in wanted]) if wanted else np.zeros((0, self.dim), np.float32)
+        return np.stack([rows[i] for i in wanted])
 
-    def indexed_vector(self, data: bytes) -> np.ndarray | None:
+    def indexed_vector(self, data: bytes, snapshot: Snapshot | None = None) -> np.ndarray | None:
         """The stored vector float32 [D] of an indexed file with exactly these bytes, else None
-        (an indexed photo searched by upload costs no decode, as ``engine query`` on it)."""
+        (an indexed photo searched by upload costs no decode, as ``engine query`` on it). None too
+        when that vector is not of ``snapshot``'s encoder: the caller then embeds the bytes."""
+        snapshot = snapshot or self.snapshot
+        if not snapshot.sizes.may_hold(len(data)):  # no indexed file has this size: skip hash and query
+            return None
         found = self.library.store.lookup_hashes([hash_bytes(data)])
         if not found:
             return None
-        got_ids, vectors = self.library.store.get_embeddings(list(found.values()), self.dim)
-        return vectors[0] if len(got_ids) else None
+        got_ids, vectors = self.library.store.get_embeddings(list(found.values()), snapshot.dim)
+        if not len(got_ids) or self.library.store.embeddings_epoch() != snapshot.epoch:
+            return None
+        return vectors[0]
 
-    def embed_uploads(self, uploads: Sequence[tuple[str, bytes]]) -> np.ndarray:
-        """Decode and embed uploads ``(field, bytes)`` as one batch: float32 [N, D]. Blocking: run
-        it on ``infer``. Raises a ServiceError for the first upload that does not decode."""
+    def embed_uploads(self, uploads: Sequence[tuple[str, bytes]], snapshot: Snapshot | None = None) -> np.ndarray:
+        """Decode and embed uploads ``(field, bytes)`` as one batch with ``snapshot``'s encoder:
+        float32 [N, D]. Blocking: run it on ``infer``. Raises a ServiceError for the first upload
+        that does not decode."""
         import torch
 
-        assert self._transform is not None
-        tensors = [self._transform(decode_upload(data, field, self._draft_size)) for field, data in uploads]
-        return self.encoder.embed(torch.stack(tensors))
+        model = (snapshot or self.snapshot).model
+        tensors = [model.transform(decode_upload(data, field, model.draft_size)) for field, data in uploads]
+        return model.encoder.embed(torch.stack(tensors))
 
-    def query_vector(self, data: bytes, field: str = "image") -> np.ndarray:
-        """The vector float32 [D] of an uploaded image: the stored one when the library indexed
-        the same bytes, else embedded now. Blocking: run it on ``infer``."""
-        stored = self.indexed_vector(data)
+    def query_vector(self, data: bytes, field: str = "image", snapshot: Snapshot | None = None) -> np.ndarray:
+        """The vector float32 [D] of an uploaded image in ``snapshot``'s terms: the stored one
+        when the library indexed the same bytes, else embedded now. Blocking: run it on ``infer``."""
+        snapshot = snapshot or self.snapshot
+        stored = self.indexed_vector(data, snapshot)
         if stored is not None:
             return stored
-        return self.embed_uploads([(field, data)])[0]
+        return self.embed_uploads([(field, data)], snapshot)[0]
 
     # -- searches ------------------------------------------------------------------------------
-    def resolve_threshold(self, threshold: float | str | None) -> float | None:
+    def resolve_threshold(self, threshold: float | str | None, snapshot: Snapshot | None = None) -> float | None:
         """None, a distance, or ``"model"``: the encoder's calibrated threshold (else the default)."""
         if threshold is None:
             return None
         if threshold == "model":
-            return self._threshold
+            return (snapshot or self.snapshot).model.threshold
         try:
             value = float(threshold)
         except ValueError:
@@ -207,13 +327,15 @@ class SearchState:
         return value
 
     def search_vector(self, vector: np.ndarray, k: int, *, threshold: float | None = None,
-                      exclude: Sequence[int] = (), hit_filter: HitFilter | None = None) -> Ranking:
-        """The ``k`` nearest indexed images to ``vector`` (float32 [D]) in the current snapshot that
-        pass ``hit_filter`` (engine.filters: the k best that pass, none lost to the filter),
-        leaving out ``exclude`` ids and images removed since the snapshot was taken."""
+                      exclude: Sequence[int] = (), hit_filter: HitFilter | None = None,
+                      snapshot: Snapshot | None = None) -> Ranking:
+        """The ``k`` nearest indexed images to ``vector`` (float32 [D], of ``snapshot``'s encoder)
+        in ``snapshot`` (default: the current one) that pass ``hit_filter`` (engine.filters: the k
+        best that pass, none lost to the filter), leaving out ``exclude`` ids and images removed
+        since the snapshot was taken."""
         from engine.filters import NO_FILTER, rank_hits
 
-        snapshot = self.snapshot
+        snapshot = snapshot or self.snapshot
         hits = rank_hits(self.library.store, snapshot.index, np.asarray(vector, np.float32)[None, :], k,
                          hit_filter=hit_filter or NO_FILTER, exclude=[exclude], label_threshold=threshold)[0]
         return Ranking(hits, snapshot)
@@ -226,18 +348,20 @@ class SearchState:
         return sorted({state.image_id for state in known.values()})
 
     def refine(self, positive: Sequence[int], negative: Sequence[int], query: np.ndarray | None,
-               k: int) -> tuple[Ranking, np.ndarray]:
-        """Rocchio feedback: the ranking of the refined query (``negative`` ids left out) and that
-        query vector float32 [D]."""
-        vector = rocchio(query, self.stored_vectors(positive), self.stored_vectors(negative))
-        return self.search_vector(vector, k, exclude=negative), vector
+               k: int, snapshot: Snapshot | None = None) -> tuple[Ranking, np.ndarray]:
+        """Rocchio feedback in ``snapshot``: the ranking of the refined query (``negative`` ids
+        left out) and that query vector float32 [D]."""
+        snapshot = snapshot or self.snapshot
+        vector = rocchio(query, self.stored_vectors(positive, snapshot), self.stored_vectors(negative, snapshot))
+        return self.search_vector(vector, k, exclude=negative, snapshot=snapshot), vector
 
     def compare(self, a: bytes, b: bytes, threshold: float | None) -> Comparison:
         """Distance and verdict of two uploads, embedded together as ``engine compare`` embeds
-        two files. Blocking: run it on ``infer``."""
-        va, vb = self.embed_uploads([("a", a), ("b", b)])
+        two files, judged by the same snapshot's threshold. Blocking: run it on ``infer``."""
+        snapshot = self.snapshot
+        va, vb = self.embed_uploads([("a", a), ("b", b)], snapshot)
         distance = float(np.sqrt(max(0.0, float(np.sum((va - vb) ** 2)))))
-        limit = self._threshold if threshold is None else threshold
+        limit = snapshot.model.threshold if threshold is None else threshold
         assert limit is not None
         return Comparison("a", "b", distance, float(limit), distance <= limit)
 
