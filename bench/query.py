@@ -140,7 +140,7 @@ def bench_cold_query(home: str | os.PathLike, image: str | os.PathLike, *, k: in
     engine's own ``search_library`` (``python -m bench.cold_query``), split into interpreter
     start, imports, database open, index load, model load, embed (decode, preprocess, forward),
     search, metadata fetch and the rest. With ``cli``, also the wall time of the real ``engine
-    query IMAGE --json``. The OS file cache is warm (the library was just written); the process is
+    query IMAGE --json --no-server`` (in-process: a running ``engine serve`` is never timed). The OS file cache is warm (the library was just written); the process is
     cold. Best of ``runs`` by total wall time; seconds, rounded to the millisecond."""
     env = _child_env()
     child = [sys.executable, "-m", "bench.cold_query", os.fspath(home), os.fspath(image), "--k", str(k),
@@ -159,6 +159,6 @@ def bench_cold_query(home: str | os.PathLike, image: str | os.PathLike, *, k: in
     out = {key: round(value, 3) if isinstance(value, float) else value for key, value in best.items()}
     if cli:
         command = [sys.executable, "-c", "from engine.cli import main; main()", "--home", os.fspath(home),
-                   "--device", device, "query", os.fspath(image), "-k", str(k), "--json"]
+                   "--device", device, "query", os.fspath(image), "-k", str(k), "--json", "--no-server"]
         out["cli_wall_s"] = round(min(run_child(command, "engine query", env)[1] for _ in range(max(1, runs))), 3)
     return out

@@ -175,7 +175,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, threshold: float | None
         if library.exists():  # an empty home is search_library's error to report
             if model is not None:
                 library.check_model(model)
-            label_at = library.encoder().decision_threshold if label else None
+            label_at = library.query_encoder().decision_threshold if label else None
         bar = _ProgressBar("query", enabled=not as_json)
         try:
             results = search_library(library, images, k, threshold=label_at, hit_filter=hit_filter,
@@ -219,13 +219,14 @@ def compare(obj: Context, a: str, b: str, model: str | None, threshold: float | 
 
         result = compare_via_service(obj.home, obj.database_url, a, b, threshold=threshold)
     if result is None:
-        from engine.encoder import load_encoder, resolve_device
         from engine.query import compare_images
 
         library = obj.library()
         if model is None and library.exists():
-            encoder = library.encoder()
+            encoder = library.query_encoder(2)  # its TorchScript copy when it has one (no timm import)
         else:
+            from engine.encoder import load_encoder, resolve_device
+
             encoder = load_encoder(model or "pretrained", resolve_device(obj.device))
         result = compare_images(encoder, a, b, threshold=threshold)
     if as_json:

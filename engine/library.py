@@ -32,6 +32,7 @@ from engine.model_switch import ModelInfo, ModelSwitching, describe_model
 
 if TYPE_CHECKING:  # torch: imported only by the methods that build an encoder
     from engine.encoder import Encoder
+    from engine.scripted import ScriptedEncoder
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Library(LibraryFiles, ModelSwitching):
                                                  read_only)
         self._store: MetadataStore | None = None
         self._encoder: Encoder | None = None
+        self._scripted: ScriptedEncoder | None = None  # the TorchScript copy query_encoder() loaded
         self._lock_depth = 0
 
     # -- parts ---------------------------------------------------------------------------------
@@ -168,10 +170,52 @@ class Library(LibraryFiles, ModelSwitching):
             self._encoder = encoder
         return self._encoder
 
+    def query_encoder(self, count: int = 1) -> Encoder | ScriptedEncoder:
+        """The encoder to embed ``count`` query images with: the library's TorchScript copy
+        (``engine.scripted``: no timm import, no model construction) when it is recorded for the
+        current encoder, ``count`` is small and the device is the CPU; else ``encoder()``, and then
+        a missing or stale copy is written again (when the home is writable and no writer is busy).
+        Both embed a small batch identically."""
+        from engine.scripted import MAX_BATCH, RECORD_KEY, load_scripted_copy, on_cpu
+
+        info = self.model_info()
+        if self._encoder is not None or info is None or count > MAX_BATCH or not on_cpu(self.device):
+            return self.encoder()
+        if self._scripted is not None and self._scripted.identity() == info.identity:
+            return self._scripted
+        fast = load_scripted_copy(self.paths.home, self.store.get_meta(RECORD_KEY), info.identity, self.paths.encoder)
+        if fast is not None:
+            self._scripted = fast
+            return fast
+        encoder = self.encoder()
+        self.save_scripted_copy(encoder)
+        return encoder
+
+    def save_scripted_copy(self, encoder: Encoder) -> bool:
+        """Write ``encoder.ts``, the checked TorchScript copy of ``encoder`` (the library's, on the
+        CPU), and its record; False, writing nothing, when the library is read-only, a writer holds
+        the lock, the encoder is not the library's, or the copy cannot be made or checked. The
+        record ties the copy to the bytes of ``encoder.pt`` too (its file must hold ``encoder``)."""
+        from engine.scripted import RECORD_KEY, write_scripted_copy
+
+        info = self.model_info()
+        if self.read_only or info is None or encoder.device.type != "cpu":
+            return False
+        try:
+            with self.write_lock(wait=False):
+                if encoder.identity() != info.identity:
+                    return False
+                self.store.set_meta(RECORD_KEY, write_scripted_copy(encoder, self.paths.home, self.paths.encoder))
+        except (EngineError, StoreError, OSError, ValueError, RuntimeError) as exc:
+            log.info("no TorchScript copy of the encoder written: %s", exc)
+            return False
+        return True
+
     def forget_encoder(self) -> None:
         """Drop the encoder kept by ``encoder()``, so the next call reads the file in the home again
         (after something replaced that file)."""
         self._encoder = None
+        self._scripted = None
 
     def load_model(self, spec: str, *, backbone: str | None = None, weights: str | None = None) -> Encoder:
         """Build the encoder ``spec`` names (``pretrained`` or a checkpoint path) on this library's
@@ -196,6 +240,7 @@ class Library(LibraryFiles, ModelSwitching):
         if index_factory is not None or self.store.get_meta("index_factory") is None:
             self.store.set_meta("index_factory", index_factory or "Flat")
         self._encoder = encoder
+        self.save_scripted_copy(encoder)
         return encoder
 
     def ensure_model(self, spec: str | None = None, **kwargs: Any) -> Encoder:

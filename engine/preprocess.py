@@ -276,8 +276,16 @@ def draft_size_for(data_config: Mapping[str, Any]) -> int:
 def build_transform(data_config: Mapping[str, Any], *, train: bool = False) -> Callable[[Image.Image], Any]:
     """timm's transform for an encoder's data config: PIL RGB image -> float32 tensor [3, H, W].
 
-    train=True adds timm's training augmentation (random resized crop, flip, colour jitter).
+    train=True adds timm's training augmentation (random resized crop, flip, colour jitter). The eval
+    transform of a centre crop to a square input (every config the engine makes) is ``EvalTransform``:
+    the same steps as timm's ``create_transform(is_training=False)``, equal to it bit for bit
+    (tests/test_cold_start.py), without importing timm and torchvision (over a second of a cold
+    query); any other eval config goes to timm.
     """
+    if not train:
+        fast = EvalTransform.for_config(data_config)
+        if fast is not None:
+            return fast
     from timm.data import create_transform
 
     cfg = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct") if k in data_config}
@@ -286,3 +294,74 @@ def build_transform(data_config: Mapping[str, Any], *, train: bool = False) -> C
     if train:
         return create_transform(**cfg, is_training=True, color_jitter=0.3, hflip=0.5, scale=(0.5, 1.0))
     return create_transform(**cfg, is_training=False)
+
+
+_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+             "lanczos": Image.Resampling.LANCZOS}
+_DEFAULT_CROP_PCT = 0.875  # timm's, when a config has none
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """timm's eval transform for a centre crop to a square: the shorter side resized to
+    ``floor(size / crop_pct)`` (the longer in proportion, truncated), a centre crop of ``size``
+    (zero-padded when the image is smaller), pixels / 255, then (x - mean) / std per channel.
+
+    __call__: PIL RGB image -> float32 tensor [3, size, size].
+    """
+
+    size: int
+    scale: int
+    resample: Image.Resampling
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def for_config(cls, data_config: Mapping[str, Any]) -> EvalTransform | None:
+        """The transform for ``data_config``, or None when it is not a centre crop to a square
+        with a known interpolation (then timm's own is used)."""
+        size = tuple(int(v) for v in data_config.get("input_size", (3, 224, 224)))[-2:]
+        mode = data_config.get("crop_mode") or "center"
+        resample = _RESAMPLE.get(str(data_config.get("interpolation", "bilinear")))
+        crop_pct = float(data_config.get("crop_pct") or _DEFAULT_CROP_PCT)
+        mean, std = data_config.get("mean"), data_config.get("std")
+        if len(size) != 2 or size[0] != size[1] or mode != "center" or resample is None or mean is None or std is None:
+            return None
+        if any(float(v) == 0.0 for v in std) or len(mean) != 3 or len(std) != 3:
+            return None
+        return cls(size[0], int(math.floor(size[0] / crop_pct)), resample, tuple(float(v) for v in mean),
+                   tuple(float(v) for v in std))
+
+    def __call__(self, img: Image.Image) -> Any:
+        import torch
+
+        width, height = img.size
+        short, long = (width, height) if width <= height else (height, width)
+        if short != self.scale:
+            new_long = int(self.scale * long / short)
+            img = img.resize((self.scale, new_long) if width <= height else (new_long, self.scale), self.resample)
+        img = self._center_crop(img)
+        arr = torch.from_numpy(np.array(img, np.uint8, copy=True)).view(img.size[1], img.size[0], len(img.getbands()))
+        tensor = arr.permute((2, 0, 1)).contiguous().to(dtype=torch.get_default_dtype()).div(255)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return tensor.sub_(mean).div_(std)
+
+    def _center_crop(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        size = self.size
+        if size > width or size > height:  # zero padding, split as torchvision splits it
+            left = (size - width) // 2 if size > width else 0
+            top = (size - height) // 2 if size > height else 0
+            right = (size - width + 1) // 2 if size > width else 0
+            bottom = (size - height + 1) // 2 if size > height else 0
+            canvas = Image.new(img.mode, (width + left + right, height + top + bottom), 0)
+            canvas.paste(img, (left, top))
+            img = canvas
+            width, height = img.size
+            if (width, height) == (size, size):
+                return img
+        top = int(round((height - size) / 2.0))
+        left = int(round((width - size) / 2.0))
+        return img.crop((left, top, left + size, top + size))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from engine.progress import ProgressFn
     from engine.encoder import Encoder
     from engine.library import Library
+    from engine.scripted import ScriptedEncoder
 
 
 def score_to_distance(score: float) -> float:
@@ -127,9 +128,9 @@ def embed_queries(library: Library, paths: Sequence[str], *, batch_size: int = 3
                   progress: ProgressFn | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Query vectors float32 [Q, D] in the order of ``paths`` (a zero row where decoding failed),
     and per query the error text or None. Indexed, unchanged files reuse their stored vector.
-    progress(done, total): files embedded, reported only when more than a batch must be."""
-    from engine.embedding import embed_files
-
+    progress(done, total): files embedded, reported only when more than a batch must be.
+    Nothing of the model is imported or loaded when every query is indexed; a few files go through
+    the library's TorchScript copy of its encoder when it has one (``Library.query_encoder``)."""
     info = library.model_info()
     if info is None:
         raise IndexMissingError(f"no index in {library.paths.home} yet; run `engine ingest PATH` first")
@@ -141,10 +142,12 @@ def embed_queries(library: Library, paths: Sequence[str], *, batch_size: int = 3
     fresh: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
     if todo:
+        from engine.embedding import embed_files
+
         many = len(todo) > batch_size
         if many and progress:
             progress(0, len(todo))
-        done = embed_files(library.encoder(), todo, batch_size=batch_size, workers=None if many else 0,
+        done = embed_files(library.query_encoder(len(todo)), todo, batch_size=batch_size, workers=None if many else 0,
                            progress=progress if many else None)
         fresh = {todo[int(pos)]: vec for pos, vec in zip(done.positions, done.embeddings)}
         failed = dict(done.failures)
@@ -233,7 +236,7 @@ class Comparison:
                 "verdict": "similar" if self.similar else "different"}
 
 
-def compare_images(encoder: Encoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
+def compare_images(encoder: Encoder | ScriptedEncoder, a: str, b: str, *, threshold: float | None = None) -> Comparison:
     """Embed ``a`` and ``b`` with ``encoder`` and judge them by ``threshold`` (default: the
     encoder's calibrated one, else the pretrained default). Raises ImageError for an unreadable file."""
     from engine.embedding import embed_files

@@ -12,6 +12,20 @@ import pytest
 from tests.util import tiny_checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_config_home(tmp_path_factory) -> Path:
+    """Keys the engine keeps per user (``engine.scripted.signing_key_path``) go to a temporary
+    folder, never the real ``~/.config``; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("config")
+    previous = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random-init ``test_resnet`` encoder (32 px input, 96-d) saved once per session: the path."""
