@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine.cli_params import Count, Number, Threshold, cap_workers_option, parse_ks as _parse_ks
+from engine.cli_params import DATE, Count, Number, Threshold, cap_workers_option, parse_ks as _parse_ks
 from engine.cli_options import DATABASE_HELP, DEVICE_HELP, HOME_HELP, EngineGroup
 from engine.cli_errors import _echo_json, _printable, _PrintableFormatter, handle_errors
 from engine.console import Progress as _ProgressBar
@@ -129,9 +129,6 @@ def _note_k_capped(k: int, results: list[QueryResult]) -> None:
         click.echo(f"note: -k {k} is more than the library holds; capped at {max(answered)}", err=True)
 
 
-_DATES = ["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"]
-
-
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "k", default=10, show_default=True, type=Count(),
@@ -139,10 +136,8 @@ _DATES = ["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "
 @click.option("--threshold", type=Threshold(), default=None, help="Only hits at L2 distance <= D (a number).")
 @click.option("--label", is_flag=True, help="Mark each hit similar/different by the encoder's calibrated threshold.")
 @click.option("--exclude-self", is_flag=True, help="Leave out each query's own file (and its byte-identical copies).")
-@click.option("--taken-after", type=click.DateTime(_DATES), metavar="DATE",
-              help="Only photos captured at or after DATE (EXIF).")
-@click.option("--taken-before", type=click.DateTime(_DATES), metavar="DATE",
-              help="Only photos captured before DATE (EXIF).")
+@click.option("--taken-after", type=DATE, metavar="DATE", help="Only photos captured at or after DATE (EXIF).")
+@click.option("--taken-before", type=DATE, metavar="DATE", help="Only photos captured before DATE (EXIF).")
 @click.option("--camera", help="Only photos whose camera make or model contains TEXT (any case).")
 @click.option("--under", multiple=True, type=click.Path(file_okay=False), help="Only photos in FOLDER (repeatable).")
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the hits' paths, one per line (for xargs).")

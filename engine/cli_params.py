@@ -13,6 +13,10 @@ from typing import Any
 import click
 
 
+# The capture dates that query filters take (EXIF times are local, without a zone).
+DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"])
+
+
 class Count(click.ParamType):
     """A whole number >= ``minimum`` written as digits: ``1e11``, ``2.5``, ``0`` and ``-3`` are
     refused with the reason."""
