@@ -14,45 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine.cli_params import DATE, Count, Number, Threshold, cap_workers_option, parse_ks as _parse_ks
+from engine.cli_context import Context, pass_ctx, waiting as _waiting
+from engine.cli_params import DATE, Count, Threshold, cap_workers_option, parse_ks as _parse_ks
 from engine.cli_options import DATABASE_HELP, DEVICE_HELP, HOME_HELP, EngineGroup
 from engine.cli_errors import _echo_json, _printable, _PrintableFormatter, handle_errors
 from engine.console import Progress as _ProgressBar
-from engine.errors import EngineError
 from engine.output import to_json_bytes
-# Torch-free: the train command's choices and its option check come from here at import time.
-from train.config import FIELDS as TRAIN_FIELDS
-from train.config import LOSSES, MINERS, PRESET_NAMES
 
 if TYPE_CHECKING:
-    from engine.library import Library
     from engine.query import QueryResult
-    from train.config import TrainConfig
-
-
-class Context:
-    """The global options, shared by every command."""
-
-    def __init__(self, home: str | None, device: str, database_url: str | None, read_only: bool = False) -> None:
-        self.home = home
-        self.device = device
-        self.database_url = database_url
-        self.read_only = read_only
-
-    def library(self) -> Library:
-        from engine.library import Library
-
-        # without --read-only the library still opens read-only where its files cannot be written
-        return Library(self.home, device=self.device, database_url=self.database_url,
-                       read_only=True if self.read_only else None)
-
-
-pass_ctx = click.make_pass_decorator(Context)
-
-
-def _waiting() -> None:
-    click.echo("another process is writing to this library; waiting for it to finish...", err=True)
-
 
 @click.group(cls=EngineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="ENGINE_HOME", type=click.Path(file_okay=False), help=HOME_HELP)
@@ -483,115 +453,10 @@ def eval_(obj: Context, dataset: str | None, of_library: bool, models: tuple[str
         click.echo(_printable(f"report: {os.path.join(out_dir, 'report.md')}"))
 
 
-# Parameters of ``engine train`` that are its own; every other one names a TrainConfig field.
-_TRAIN_OWN = frozenset({"data", "out_dir", "as_json", "resume"})
+# Commands kept in their own modules (each imports only click at start-up): registered here so
+# that `engine --help` lists them with the rest.
+from engine.cli_serve import serve  # noqa: E402
+from engine.cli_train import train  # noqa: E402
 
-
-def _train_config_options(command: click.Command) -> click.Command:
-    """Check, when the command is defined, that each of its options other than ``_TRAIN_OWN`` is a
-    TrainConfig field: a renamed field then fails on import (and in every test), never in a user's run."""
-    unknown = sorted(p.name or "" for p in command.params
-                     if p.expose_value and p.name not in _TRAIN_OWN and p.name not in TRAIN_FIELDS)
-    if unknown:
-        raise TypeError(f"engine train options without a TrainConfig field: {', '.join(unknown)}")
-    return command
-
-
-def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig of ``engine train``'s options: the ones given (not None), and the global --device."""
-    from train.config import TrainConfig
-
-    return TrainConfig(device=device, **{k: v for k, v in options.items() if v is not None})
-
-
-@_train_config_options
-@main.command()
-@click.argument("data", type=click.Path(exists=True))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
-@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
-              help="cpu-quick: useful in <= 20 min on 2 CPU cores; gpu: the defaults.")
-@click.option("--loss", type=click.Choice(LOSSES), default=None)
-@click.option("--miner", type=click.Choice(MINERS), default=None)
-@click.option("--margin", type=Number(0), default=None, help="Loss margin on the L2 distance.")
-@click.option("--epochs", type=click.IntRange(0), default=None)
-@click.option("--batch-size", type=click.IntRange(2), default=None)
-@click.option("--classes-per-batch", type=click.IntRange(2), default=None, help="P of a P x K batch.")
-@click.option("--images-per-class", type=click.IntRange(2), default=None, help="K of a P x K batch.")
-@click.option("--lr", type=Number(0, open_min=True), default=None, help="Head learning rate (Adam).")
-@click.option("--backbone-lr", type=Number(0), default=None, help="Backbone learning rate (default lr/10).")
-@click.option("--weight-decay", type=Number(0), default=None)
-@click.option("--warmup-epochs", type=Number(0), default=None)
-@click.option("--dim", type=click.IntRange(2), default=None, help="Projection head size (default: backbone width).")
-@click.option("--backbone", default=None, help="Any timm model name (default tf_efficientnet_lite0).")
-@click.option("--pretrained/--no-pretrained", default=None, help="Start from ImageNet weights (default) or random.")
-@click.option("--weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Start from this checkpoint or weights file.")
-@click.option("--image-size", type=click.IntRange(16), default=None)
-@click.option("--freeze-epochs", type=click.IntRange(0), default=None, help="Keep the backbone frozen this long.")
-@click.option("--train-stages", type=click.IntRange(0), default=None, help="Train only the last N backbone stages.")
-@click.option("--val-classes", type=Number(0, 1, open_min=True, open_max=True), default=None,
-              help="Share of classes held out for validation (split by class, seeded).")
-@click.option("--val", default=None, type=click.Path(exists=True), help="A separate validation folder or pair CSV.")
-@click.option("--val-group-sep", default=None,
-              help="Hold out class groups: classes whose names share the part before SEP (e.g. '__' for alphabets).")
-@click.option("--max-per-class", type=click.IntRange(2), default=None)
-@click.option("--workers", type=click.IntRange(0), default=None, callback=cap_workers_option)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@pass_ctx
-@handle_errors
-def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **options: Any) -> None:
-    """Fine-tune a Siamese encoder on DATA: a folder-per-class tree or a pair CSV (img_a,img_b,label).
-    Writes checkpoint.pt (with the calibrated threshold), metrics.jsonl and plots to --out."""
-    from train.loop import train as run_training
-    from train.progress import TrainProgress
-
-    config = _train_config(obj.device, options)
-    view = None if as_json else TrainProgress(file=sys.stderr, resume=resume)
-    result = run_training(data, out_dir, config, progress=view, resume=resume,
-                          on_epoch=view.epoch_end if view is not None else None)
-    if as_json:
-        _echo_json(result.to_dict())
-        return
-    best = result.best_metrics
-    figures = ", ".join(f"{k} {best[k]:.4f}" for k in ("recall@1", "recall@5", "map@r", "roc_auc", "pair_accuracy")
-                        if isinstance(best.get(k), (int, float)))
-    click.echo(f"best epoch {result.best_epoch} ({result.select_metric}): {figures}")
-    if result.threshold is not None:
-        click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
-    click.echo(_printable(f"checkpoint: {result.checkpoint}"))
-    click.echo(_printable(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)"))
-
-
-@main.command()
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; anything but loopback lets other machines in (set --token then).")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
-@click.option("--token", envvar="ENGINE_TOKEN", default=None,
-              help="Require `Authorization: Bearer TOKEN` on every API request (default: $ENGINE_TOKEN).")
-@click.option("--max-upload-mb", default=20.0, show_default=True, type=Number(0, open_min=True),
-              help="Largest image file accepted, in MiB (refused while it is read).")
-@click.option("--workers", default=None, type=click.IntRange(1),
-              help="Inference threads (default: one per core, at most 8).")
-@pass_ctx
-@handle_errors
-def serve(obj: Context, host: str, port: int, token: str | None, max_upload_mb: float, workers: int | None) -> None:
-    """Serve the library: a web page for searching it by photo and a JSON API (docs at /docs).
-    `engine query` and `engine compare` use it while it runs. Ctrl+C stops it."""
-    try:
-        from engine.service.server import run_server
-        from engine.service.settings import ServiceConfig
-    except ImportError as exc:
-        raise EngineError(f"engine serve needs {exc.name}: pip install fastapi uvicorn python-multipart") from None
-
-    config = ServiceConfig(host=host, port=port, token=token or None,
-                           max_upload_bytes=int(max_upload_mb * 1024 * 1024), workers=workers)
-    if not config.loopback and not config.token:
-        click.echo(f"warning: listening on {host} without --token: anyone who can reach this machine can search "
-                   "the library and see its file names", err=True)
-
-    def ready(address: Any) -> None:
-        click.echo(f"serving {address.url}/ (API docs at {address.url}/docs); Ctrl+C stops", err=True)
-
-    run_server(obj.library(), config, on_ready=ready)
+main.add_command(train)
+main.add_command(serve)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import cli
+from engine import cli_train as cli
+from engine.cli import main
 from train.config import FIELDS, LOSSES, MINERS, PRESET_NAMES, PRESETS, TrainConfig
 from train.loop import TrainResult
 
@@ -70,7 +71,7 @@ def test_options_reach_the_config(tmp_path, monkeypatch):
             "--resume", "--json"]
     for name, value in values.items():
         args += ["--" + name.replace("_", "-"), str(value)]
-    result = CliRunner().invoke(cli.main, args)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert seen["resume"] is True
@@ -88,7 +89,7 @@ def test_resume_state_that_would_run_code_is_one_line(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "run").mkdir()
     torch.save({"epoch": 1, "train_config": {}, "optimizer": RunsCode()}, tmp_path / "run" / "last.pt")
-    result = CliRunner().invoke(cli.main, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                                            "--resume"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
