@@ -2,11 +2,12 @@
 
     python benchmarks/train_bench.py throughput [--device cpu] [--batch-size 32] [--steps 6] [--image-size 224]
     python benchmarks/train_bench.py caltech  --out RUN [--preset cpu-quick] [--verify]
-    python benchmarks/train_bench.py omniglot --out RUN [--preset cpu-quick]
+    python benchmarks/train_bench.py omniglot --out RUN [--preset cpu-quick|cpu-long]
     python benchmarks/train_bench.py orl      --out RUN [--preset cpu-quick]
 
 Every quality run compares the untouched pretrained encoder ("frozen": the plain pooled backbone
-features, same image size) with the fine-tuned checkpoint on held-out classes, re-embedding the
+features, same image size; for a preset that trains from scratch, ``cpu-long``, the default pretrained
+encoder) with the fine-tuned checkpoint on held-out classes, re-embedding the
 held-out images from their files with each encoder (nothing is taken from the training run's own
 log). Extra ``--set field=value`` options go onto TrainConfig. Figures are printed; nothing else.
 """
@@ -65,7 +66,10 @@ def _frozen_and_tuned(result, val_paths, config, workers):
     from engine.encoder import build_encoder, load_checkpoint, resolve_device
 
     device = resolve_device(config.device)
-    frozen = build_encoder(EncoderConfig(backbone=config.backbone, image_size=config.image_size), device)
+    # A net trained from scratch has no pretrained self to compare with: the baseline is then the
+    # engine's default pretrained encoder at its own image size.
+    frozen = build_encoder(EncoderConfig(backbone=config.backbone, image_size=config.image_size) if config.pretrained
+                           else EncoderConfig(), device)
     t = time.perf_counter()
     frozen_emb = _embed(frozen, val_paths, workers)
     embed_s = time.perf_counter() - t

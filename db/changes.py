@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 from sqlalchemy import and_, delete, insert, or_, select, update
 
+from db.bulk import insert_images, insert_vectors
 from db.common import chunks as _chunks
 from db.models import Alias, Embedding, Image
+from db.vectors import as_stored, encode_vectors
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -55,7 +57,8 @@ class ChangeSet:
     2. ``forget``: an alias at one of these paths is dropped; a row still there is deleted with its
        vector and its aliases (no alias inherits it: the caller promotes copies explicitly by a move);
     3. the rows in ``moves`` land at their new paths (an alias recorded there is dropped first);
-    4. ``new_rows`` (Image column dicts) are inserted with ``vectors`` (float32 [len(new_rows), D]);
+    4. ``new_rows`` (Image column dicts) are inserted with ``vectors`` (float32 [len(new_rows), D]),
+       which ``apply_changes`` then replaces by the values as stored (float16, see db.vectors);
     5. ``aliases`` (dicts of path, bytes, mtime and either image_id or new_row, a position in
        ``new_rows``) are recorded, replacing any alias at the same path;
     6. ``touched`` (is_alias, path, bytes, mtime): files whose content did not change, seen anew.
@@ -193,11 +196,12 @@ class ChangesMixin:
             if changes.new_rows:
                 for chunk in _chunks([r["path"] for r in changes.new_rows]):
                     conn.execute(delete(Alias).where(Alias.path.in_(chunk)))
-                rows = [dict(r, added_at=r.get("added_at") or now) for r in changes.new_rows]
-                new_ids = [int(i) for i in conn.scalars(insert(Image).returning(Image.id, sort_by_parameter_order=True), rows)]
+                new_ids = insert_images(conn, [dict(r, added_at=r.get("added_at") or now) for r in changes.new_rows])
                 if changes.vectors is not None:
-                    vectors = np.ascontiguousarray(changes.vectors, np.float32)
-                    conn.execute(insert(Embedding), [{"image_id": i, "vector": v.tobytes()} for i, v in zip(new_ids, vectors)])
+                    insert_vectors(conn, Embedding, new_ids, encode_vectors(changes.vectors))
+                    # what the caller adds to its index is then exactly what the database holds, so
+                    # an index built now and one rebuilt later from the store answer alike
+                    changes.vectors = as_stored(changes.vectors)
             if changes.aliases:
                 resolved = [{"path": a["path"], "bytes": a["bytes"], "mtime": a["mtime"],
                              "image_id": a["image_id"] if a.get("new_row") is None else new_ids[a["new_row"]]}

@@ -87,9 +87,13 @@ class Alias(Base):
 
 
 class Embedding(Base):
-    """The stored vector of an image (float32 bytes), so the index can be rebuilt without decoding."""
+    """The stored vector of an image (float16 bytes, see ``db.vectors``), so the index can be
+    rebuilt and re-ranked without decoding."""
 
     __tablename__ = "embeddings"
+    # PostgreSQL: keep a vector in its row, uncompressed (float16 does not compress), rather than
+    # try to compress and then move every vector over ~2 KB out to the TOAST table.
+    __table_args__ = {"postgresql_with": {"toast_tuple_target": 8160}}
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
@@ -101,6 +105,7 @@ class PendingEmbedding(Base):
     ``embeddings`` in one transaction. Nothing reads this table but the re-embedding itself."""
 
     __tablename__ = "pending_embeddings"
+    __table_args__ = {"postgresql_with": {"toast_tuple_target": 8160}}  # as in Embedding
 
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
@@ -113,3 +118,14 @@ class Meta(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class LibraryFile(Base):
+    """A file of the library kept in its database (the encoder checkpoint), for the homes that
+    share a database they did not create: a second home fetches it from here (``engine.shared_home``)."""
+
+    __tablename__ = "library_files"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Copied in this order; a row that names an image (aliases, vectors) is kept only if that image was.
-_TABLES = ("meta", "images", "aliases", "embeddings", "pending_embeddings")
+_TABLES = ("meta", "images", "aliases", "embeddings", "pending_embeddings", "library_files")
 _BATCH = 256
 _MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
@@ -54,8 +54,10 @@ class SalvageResult:
 
 def _page_size(db: Path, wal: Path | None) -> int:
     """The page size of a database whose header cannot be trusted: from its journal's header when
-    there is a valid one, else the first usual size that divides the file and finds a b-tree page
-    where page 1's header sits."""
+    there is a valid one, else the smallest usual size that divides the file and holds every cell
+    of page 1 (its b-tree header follows the 100-byte file header; cells are written from the end
+    of the page backwards, so the farthest cell pointer shows where the page ends: a library of
+    8 KB pages is not mistaken for one of 4 KB, though both sizes divide the file)."""
     if wal is not None and wal.exists() and wal.stat().st_size >= 32:
         magic, _version, size = struct.unpack(">III", wal.read_bytes()[:12])
         if magic in _WAL_MAGICS and size >= 512 and size & (size - 1) == 0:
@@ -63,12 +65,16 @@ def _page_size(db: Path, wal: Path | None) -> int:
     length = db.stat().st_size
     with open(db, "rb") as fh:
         fh.seek(100)
-        page_kind = fh.read(1)
-    for size in (4096, 1024, 2048, 8192, 16384, 32768, 65536, 512):
-        if length % size == 0 and page_kind in (b"\x05", b"\x0d"):
+        head = fh.read(12)
+        kind = head[:1]
+        cells = struct.unpack(">H", head[3:5])[0] if len(head) >= 5 else 0
+        fh.seek(100 + (12 if kind in (b"\x05", b"\x02") else 8))
+        raw = fh.read(2 * cells)
+    farthest = max(struct.unpack(f">{len(raw) // 2}H", raw[:len(raw) // 2 * 2]), default=0)
+    for size in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+        if length % size == 0 and kind in (b"\x05", b"\x0d") and farthest < size:
             return size
     return 4096
-
 
 def _restore_header(db: Path, wal: Path | None) -> None:
     """Rewrite the header fields SQLite validates with the values of a library database (UTF-8,

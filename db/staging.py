@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sqlalchemy import delete, exists, func, insert, select
 
-from db.common import StoreError, chunks as _chunks, decode_vectors as _decode_vectors
+from db.bulk import insert_vectors
+from db.common import StoreError, chunks as _chunks
 from db.models import Alias, Embedding, Image, Meta, PendingEmbedding
+from db.shared_files import put_files
+from db.vectors import encode_vectors
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -41,6 +44,8 @@ class StagingMixin:
         @staticmethod
         def _bump(conn: Connection) -> None: ...
 
+        def _decode(self, blobs: Sequence[bytes], dim: int) -> np.ndarray: ...
+
     def pending_record(self) -> dict[str, Any] | None:
         """What the staged vectors are (the record given to ``start_pending``), or None when
         nothing is staged."""
@@ -64,16 +69,15 @@ class StagingMixin:
         """Stage (or restage) float32 [N, D] vectors for rows ``ids`` (int [N]), in one
         transaction; ids of rows deleted meanwhile are skipped. No generation bump: queries do not
         see staged vectors."""
-        vectors = np.ascontiguousarray(vectors, np.float32)
+        blobs = encode_vectors(vectors)
         wanted = [int(i) for i in ids]
         with self._engine.begin() as conn:
             alive: set[int] = set()
             for chunk in _chunks(wanted):
                 conn.execute(delete(PendingEmbedding).where(PendingEmbedding.image_id.in_(chunk)))
                 alive.update(conn.scalars(select(Image.id).where(Image.id.in_(chunk))).all())
-            rows = [{"image_id": i, "vector": v.tobytes()} for i, v in zip(wanted, vectors) if i in alive]
-            if rows:
-                conn.execute(insert(PendingEmbedding), rows)
+            kept = [(i, blob) for i, blob in zip(wanted, blobs) if i in alive]
+            insert_vectors(conn, PendingEmbedding, [i for i, _ in kept], [blob for _, blob in kept])
 
     def pending_ids(self) -> np.ndarray:
         """The ids that have a staged vector, int64 [M] ascending."""
@@ -91,7 +95,7 @@ class StagingMixin:
                                         .where(PendingEmbedding.image_id.in_(chunk))):
                     got_ids.append(row.image_id)
                     vecs.append(row.vector)
-        return np.asarray(got_ids, np.int64), _decode_vectors(vecs, dim)
+        return np.asarray(got_ids, np.int64), self._decode(vecs, dim)
 
     def embeddings_epoch(self) -> int:
         """How many times the whole set of vectors was replaced (``switch_to_pending``); the index
@@ -99,11 +103,13 @@ class StagingMixin:
         reconciled by id with the new ones."""
         return int(self.get_meta(_EPOCH_KEY, 0))
 
-    def switch_to_pending(self, meta: dict[str, Any], drop_ids: Sequence[int] = ()) -> int:
+    def switch_to_pending(self, meta: dict[str, Any], drop_ids: Sequence[int] = (),
+                          files: dict[str, bytes] | None = None) -> int:
         """Make the staged vectors the library's vectors, in one transaction: forget the rows
         ``drop_ids`` (with their aliases and vectors), check that every other row has a staged
         vector, replace every stored vector by the staged one, set the ``meta`` keys (JSON-ready
-        values), forget the pending record, bump the embeddings epoch and the generation.
+        values), keep ``files`` (name -> content: the new encoder for other homes, see
+        db.shared_files), forget the pending record, bump the embeddings epoch and the generation.
 
         Returns how many vectors were switched in. Raises StoreError, changing nothing, when a
         row has no staged vector."""
@@ -124,6 +130,7 @@ class StagingMixin:
             conn.execute(delete(PendingEmbedding))
             for key, value in meta.items():
                 self._set_meta(conn, key, value)
+            put_files(conn, files or {})
             conn.execute(delete(Meta).where(Meta.key == _PENDING_KEY))
             epoch = conn.scalar(select(Meta.value).where(Meta.key == _EPOCH_KEY))
             self._set_meta(conn, _EPOCH_KEY, (json.loads(epoch) if epoch else 0) + 1)

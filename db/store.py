@@ -12,20 +12,25 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 from sqlalchemy import create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError,
+                            ProgrammingError)
 
-from db.common import CHUNK as _CHUNK, StoreError, chunks as _chunks, decode_vectors as _decode_vectors
-from db.migrations import CURRENT as CURRENT_SCHEMA, upgrade
+from db.bulk import insert_images, insert_vectors, path_chunks, path_in
+from db.common import CHUNK as _CHUNK, PG_DISK_FULL, StoreError, StoreFullError, chunks as _chunks
+from db.locks import database_write_lock
+from db.migrations import CURRENT as CURRENT_SCHEMA, FLOAT16_SCHEMA, compact, upgrade
 from db.models import Alias, Base, Embedding, Image, Meta
 from db.sqlite_files import DatabaseDamagedError, read_only_engine
 from db.browse import BrowseMixin
 from db.changes import ChangesMixin
+from db.shared_files import SharedFilesMixin
 from db.staging import StagingMixin
+from db.vectors import LEGACY_DTYPE, blob_size, decode_vectors, encode_vectors
 
 SCHEMA_VERSION = CURRENT_SCHEMA  # db/migrations.py upgrades older files
 
@@ -65,8 +70,15 @@ class PathState:
     is_alias: bool
 
 
+# Pages of a new SQLite file. A 1280-d float16 vector (2.5 KB) fits in a page but two do not fit
+# in SQLite's default 4 KB page, which would cost a whole page per vector; 8 KB pages hold three.
+# (The size is fixed once the file has content, so an older library keeps its pages.)
+SQLITE_PAGE_SIZE = 8192
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
+    cur.execute(f"PRAGMA page_size={SQLITE_PAGE_SIZE}")  # only a new, empty file takes it
     # WAL lets queries read while an ingest writes; NORMAL sync is crash-safe in WAL mode
     # (a power cut may lose the last commit, never corrupt the file).
     cur.execute("PRAGMA journal_mode=WAL")
@@ -92,18 +104,16 @@ def _is_corruption(exc: BaseException | None) -> bool:
 
 class StoreURLError(StoreError):
     """The database URL is not one this installation can open (malformed, an unknown kind of
-    database, or its driver is not installed)."""
-
-
-class StoreFullError(StoreError):
-    """The database could not be written: the disk (or the database's quota) is full."""
+    database, its driver is not installed, or its server refuses or cannot be reached)."""
 
 
 _SQLITE_FULL = 13
 
 
 def _is_full(exc: BaseException | None) -> bool:
-    """True for SQLite's "database or disk is full"."""
+    """True for SQLite's "database or disk is full" and PostgreSQL's "disk full"."""
+    if getattr(exc, "sqlstate", None) == PG_DISK_FULL:
+        return True
     if not isinstance(exc, sqlite3.DatabaseError):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
@@ -144,7 +154,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
+class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
     """Images, aliases, embeddings and library facts in one SQL database (SQLite by default)."""
 
     def __init__(self, url: str, *, on_corrupt: Callable[[str], Exception] | None = None, read_only: bool = False):
@@ -168,9 +178,16 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
             event.listen(self._engine, "handle_error", self._handle_error)
             found = self._read_schema() if read_only else self._create_schema()
         except (DatabaseError, OperationalError) as exc:
-            raise StoreError(f"database {self.where} is unreadable: {str(exc.orig) if exc.orig else exc}") from None
+            reason = str(exc.orig) if exc.orig else str(exc)
+            if isinstance(exc, OperationalError) and parsed.get_backend_name() != "sqlite":
+                # a server that refuses or cannot be reached: a setup problem, not a damaged library
+                raise StoreURLError(f"database {self.where} cannot be opened: {reason.strip().splitlines()[0]}") from None
+            raise StoreError(f"database {self.where} is unreadable: {reason}") from None
         if json.loads(found) > SCHEMA_VERSION:
             raise StoreError(f"database {self.where} was written by a newer engine (schema {found})")
+        # float32 vectors of an earlier schema are still read when the file could not be upgraded
+        # (a read-only open) or another process is upgrading it now (see db.migrations)
+        self._legacy_vectors = json.loads(found) < FLOAT16_SCHEMA
 
     def _create_schema(self, attempts: int = 3) -> str:
         """Create the tables and the schema version row where missing; returns the version found
@@ -179,9 +196,9 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
         for _ in range(attempts - 1):
             try:
                 return self._create_schema_once()
-            except (OperationalError, IntegrityError) as exc:
+            except (OperationalError, ProgrammingError, IntegrityError) as exc:
                 if not (isinstance(exc, IntegrityError) or "already exists" in str(exc.orig)):
-                    raise
+                    raise  # (PostgreSQL says DuplicateTable, a ProgrammingError; SQLite an OperationalError)
         return self._create_schema_once()
 
     def _read_schema(self) -> str:
@@ -199,7 +216,9 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
             if found is None:
                 found = json.dumps(SCHEMA_VERSION)
                 conn.execute(insert(Meta).values(key="schema_version", value=found))
-        return upgrade(self._engine, found)  # an older library's file is brought up to date
+        found = upgrade(self._engine, found)  # an older library's file is brought up to date
+        compact(self._engine, SQLITE_PAGE_SIZE)  # and its file into pages that suit its vectors
+        return found
 
     def _handle_error(self, context: ExceptionContext) -> None:
         if _is_full(context.original_exception):
@@ -229,6 +248,12 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
 
     def close(self) -> None:
         self._engine.dispose()
+
+    def write_lock(self, *, wait: bool = True, on_wait: Callable[[], None] | None = None) -> ContextManager[None]:
+        """The database's share of the library's write lock (see db.locks): an advisory lock in
+        PostgreSQL, so writers on other machines wait too; nothing for SQLite (its home holds the
+        lock). With wait=False a held lock raises StoreLockedError."""
+        return database_write_lock(self._engine, wait=wait, on_wait=on_wait)
 
     # -- library facts -------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -272,12 +297,12 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
         """Known paths among ``paths`` (canonical or alias) with their last-seen size/mtime/hash."""
         found: dict[str, PathState] = {}
         with self._engine.connect() as conn:
-            for chunk in _chunks(list(paths)):
+            for chunk in path_chunks(conn, paths):
                 for row in conn.execute(select(Image.id, Image.path, Image.bytes, Image.mtime, Image.content_hash)
-                                        .where(Image.path.in_(chunk))):
+                                        .where(path_in(conn, Image, chunk))):
                     found[row.path] = PathState(row.id, row.bytes, row.mtime, row.content_hash, False)
                 for row in conn.execute(select(Alias.image_id, Alias.path, Alias.bytes, Alias.mtime, Image.content_hash)
-                                        .join(Image, Image.id == Alias.image_id).where(Alias.path.in_(chunk))):
+                                        .join(Image, Image.id == Alias.image_id).where(path_in(conn, Alias, chunk))):
                     found[row.path] = PathState(row.image_id, row.bytes, row.mtime, row.content_hash, True)
         return found
 
@@ -326,7 +351,18 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
                 for row in conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id.in_(chunk))):
                     got_ids.append(row.image_id)
                     vecs.append(row.vector)
-        return np.asarray(got_ids, np.int64), _decode_vectors(vecs, dim)
+        return np.asarray(got_ids, np.int64), self._decode(vecs, dim)
+
+    def _decode(self, blobs: Sequence[bytes], dim: int) -> np.ndarray:
+        """Stored blobs -> float32 [len(blobs), dim] (see db.vectors.decode_vectors)."""
+        return decode_vectors(blobs, dim, legacy=self._legacy_vectors)
+
+    def vector_sizes(self, dim: int) -> tuple[int, ...]:
+        """The byte sizes a well-formed stored ``dim``-d vector may have in this database: float16
+        values, and float32 ones too while it is not yet upgraded (see db.migrations)."""
+        if self._legacy_vectors:
+            return blob_size(dim), blob_size(dim, LEGACY_DTYPE)
+        return (blob_size(dim),)
 
     def iter_embeddings(self, dim: int, batch: int = 20000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """All stored vectors in id order, in slices: (ids int64 [n], vectors float32 [n, dim])."""
@@ -338,7 +374,7 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
             if not rows:
                 return
             last = rows[-1].image_id
-            yield np.asarray([r.image_id for r in rows], np.int64), _decode_vectors([r.vector for r in rows], dim)
+            yield np.asarray([r.image_id for r in rows], np.int64), self._decode([r.vector for r in rows], dim)
 
     def image_ids(self) -> np.ndarray:
         """Every image id, int64 [N] ascending."""
@@ -351,10 +387,11 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
             return np.asarray(conn.scalars(select(Embedding.image_id).order_by(Embedding.image_id)).all(), np.int64)
 
     def malformed_embedding_ids(self, dim: int) -> list[int]:
-        """Ids whose stored vector is not ``dim`` float32 values (``dim * 4`` bytes), ascending."""
+        """Ids whose stored vector is not ``dim`` float16 values (``dim * 2`` bytes; see
+        ``vector_sizes``), ascending."""
         with self._engine.connect() as conn:
             return [int(i) for i in conn.scalars(select(Embedding.image_id)
-                                                 .where(func.length(Embedding.vector) != int(dim) * 4)
+                                                 .where(func.length(Embedding.vector).not_in(self.vector_sizes(dim)))
                                                  .order_by(Embedding.image_id)).all()]
 
     def file_stats(self) -> list[tuple[str, int, float]]:
@@ -391,11 +428,10 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
         with self._engine.begin() as conn:
             gone = self._remove_paths(conn, replaced_paths) if replaced_paths else []
             if new_rows:
-                rows = [dict(r, added_at=r.get("added_at") or now) for r in new_rows]
-                ids = [int(i) for i in conn.scalars(insert(Image).returning(Image.id, sort_by_parameter_order=True), rows)]
-                if new_vectors is not None:
-                    vectors = np.ascontiguousarray(new_vectors, np.float32)
-                    conn.execute(insert(Embedding), [{"image_id": i, "vector": v.tobytes()} for i, v in zip(ids, vectors)])
+                blobs = encode_vectors(new_vectors) if new_vectors is not None else None  # refused before any write
+                ids = insert_images(conn, [dict(r, added_at=r.get("added_at") or now) for r in new_rows])
+                if blobs is not None:
+                    insert_vectors(conn, Embedding, ids, blobs)
             if aliases:
                 resolved = [{"path": a["path"], "bytes": a["bytes"], "mtime": a["mtime"],
                              "image_id": a["image_id"] if a.get("new_row") is None else ids[a["new_row"]]}
@@ -414,14 +450,14 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin):
         return self.write_batch(rows)[0]
 
     def put_embeddings(self, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Store (or replace) vectors for existing rows, in one transaction."""
-        vectors = np.ascontiguousarray(vectors, np.float32)
+        """Store (or replace) vectors (float32 [N, D]) for existing rows ``ids`` (int [N]), in one
+        transaction."""
+        blobs = encode_vectors(vectors)
         with self._engine.begin() as conn:
             for chunk_start in range(0, len(ids), _CHUNK):
                 chunk = [int(i) for i in ids[chunk_start:chunk_start + _CHUNK]]
                 conn.execute(delete(Embedding).where(Embedding.image_id.in_(chunk)))
-            if len(ids):
-                conn.execute(insert(Embedding), [{"image_id": int(i), "vector": v.tobytes()} for i, v in zip(ids, vectors)])
+            insert_vectors(conn, Embedding, ids, blobs)
             self._bump(conn)
 
     def remove_paths(self, paths: Sequence[str]) -> list[int]:

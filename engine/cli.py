@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from engine.cli_context import Context, pass_ctx, waiting as _waiting
-from engine.cli_params import DATE, Count, Threshold, cap_workers_option, parse_ks as _parse_ks
+from engine.cli_params import DATE, Count, Number, Threshold, cap_workers_option, parse_ks as _parse_ks
 from engine.cli_options import DATABASE_HELP, DEVICE_HELP, HOME_HELP, EngineGroup
 from engine.cli_errors import _echo_json, _printable, _PrintableFormatter, handle_errors
 from engine.console import Progress as _ProgressBar
@@ -56,26 +56,49 @@ def main(ctx: click.Context, home: str | None, device: str, database_url: str | 
               help="Forget indexed files under PATHS that are gone from disk (never under a path that could not "
                    "be walked, holds no image, or whose indexed files are all missing: an unmounted drive).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Decode and embed on Ray Data actors (the [ray] extra): a local cluster of this machine's cores, "
+                   "or the cluster at --ray-address.")
+@click.option("--ray-address", default=None, help="With --ray: a running Ray cluster (needs --shards).")
+@click.option("--shards", "shards_dir", default=None, type=click.Path(file_okay=False),
+              help="With --ray: where the actors write embedding shards (kept; default: inside the library home, "
+                   "deleted after the commit).")
 @pass_ctx
 @handle_errors
 def ingest(obj: Context, paths: tuple[str, ...], model: str | None, batch_size: int, workers: int | None,
-           exclude: tuple[str, ...], prune: bool, as_json: bool) -> None:
+           exclude: tuple[str, ...], prune: bool, as_json: bool, use_ray: bool, ray_address: str | None,
+           shards_dir: str | None) -> None:
     """Index every image under PATHS (files or folders). Rerunning only indexes what changed."""
     from ingest.pipeline import IngestConfig, ingest_paths
 
+    if (ray_address or shards_dir) and not use_ray:
+        raise click.UsageError("--ray-address and --shards go with --ray")
     config = IngestConfig(batch_size=batch_size, workers=workers, exclude=tuple(exclude), prune=prune)
     bar = _ProgressBar("ingest", enabled=not as_json, waiting="loading the encoder...")
+    summary: dict[str, Any] | None = None
     try:
-        report = ingest_paths(obj.library(), paths, config, model=model, progress=bar, on_wait=_waiting)
+        if use_ray:  # Ray is imported inside, when there is something to embed
+            from ingest.distributed import RayConfig, ingest_with_ray
+
+            distributed = ingest_with_ray(obj.library(), paths, config, RayConfig(ray_address, shards_dir), model=model,
+                                          progress=bar, on_wait=_waiting)
+            report, summary = distributed.ingest, distributed.to_dict()
+        else:
+            report = ingest_paths(obj.library(), paths, config, model=model, progress=bar, on_wait=_waiting)
     finally:
         bar.close()
     if as_json:
-        _echo_json(report.to_dict())
+        _echo_json(summary or report.to_dict())
     else:
         click.echo(f"added {report.added}, moved {report.moved}, unchanged {report.unchanged}, updated {report.updated}, "
                    f"duplicates {report.duplicates}, failed {len(report.failed)}, removed {report.removed} "
                    f"in {report.seconds:.1f} s " + (f"({report.images_per_second:.1f} images/s embedded)"
                                                     if report.embedded else "(nothing new to embed)"))
+        if summary and summary["ray"]["actors"]:
+            ray = summary["ray"]
+            click.echo(f"  ray: {ray['actors']} actors, {ray['partitions']} partitions; start {ray['start']:.1f} s, "
+                       f"decode + embed {ray['cluster']:.1f} s (first result after {ray['first_result']:.1f} s)",
+                       err=True)
         for path, reason in report.failed[:20]:
             click.echo(_printable(f"  failed: {path}: {reason}"), err=True)
         if len(report.failed) > 20:
@@ -113,13 +136,16 @@ def _note_k_capped(k: int, results: list[QueryResult]) -> None:
 @click.option("--paths", "paths_only", is_flag=True, help="Print only the hits' paths, one per line (for xargs).")
 @click.option("--sheet", type=click.Path(dir_okay=False), help="Also draw every query and its hits into this PNG.")
 @click.option("--model", default=None, help="Refuse unless the library was built with this model.")
+@click.option("--expand", default=None, type=click.IntRange(0), metavar="N",
+              help="Expand each query with its N nearest indexed images and re-rank the best hits (0: off; default: "
+                   "the library's setting, see `engine settings`). Searches in this process.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-server", is_flag=True, help="Search in this process even when `engine serve` runs for this library.")
 @pass_ctx
 @handle_errors
 def query(obj: Context, images: tuple[str, ...], k: int, threshold: float | None, label: bool, exclude_self: bool,
           taken_after: Any, taken_before: Any, camera: str | None, under: tuple[str, ...], paths_only: bool,
-          sheet: str | None, model: str | None, as_json: bool, no_server: bool) -> None:
+          sheet: str | None, model: str | None, expand: int | None, as_json: bool, no_server: bool) -> None:
     """Find the K most similar indexed images to each IMAGE (files, or folders walked as ingest
     walks them). Filters keep the K best that pass. A running `engine serve` for this library
     answers when there is one."""
@@ -129,7 +155,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, threshold: float | None
 
     hit_filter = HitFilter(threshold, taken_after, taken_before, camera, under)
     results = None
-    if not no_server and model is None:
+    if not no_server and model is None and expand is None:
         from engine.service.client import search_via_service
 
         results = search_via_service(obj.home, obj.database_url, images, k, threshold="model" if label else None,
@@ -144,7 +170,7 @@ def query(obj: Context, images: tuple[str, ...], k: int, threshold: float | None
         bar = _ProgressBar("query", enabled=not as_json)
         try:
             results = search_library(library, images, k, threshold=label_at, hit_filter=hit_filter,
-                                     exclude_self=exclude_self, progress=bar)
+                                     exclude_self=exclude_self, progress=bar, expand=expand)
         finally:
             bar.close()
     _note_k_capped(k, results)
@@ -263,8 +289,13 @@ def info(obj: Context, as_json: bool) -> None:
               help="Re-embed every image with this encoder (pretrained or a checkpoint), then switch the library to "
                    "it. The library answers as before until every row has a new vector; a stopped run resumes.")
 @click.option("--index-type", default=None,
-              help="FAISS factory string after IDMap2: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ... "
-                   "(built and trained on the stored vectors before it replaces the current one).")
+              help="auto (the engine chooses by size, dimension and memory budget, and moves up as the library grows), "
+                   "or a FAISS factory string: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32 ... (built, trained on the "
+                   "stored vectors and tuned before it replaces the current one).")
+@click.option("--memory-budget", default=None, callback=lambda ctx, param, value: _byte_size(param, value),
+              help="Memory the index may use, e.g. 4G or 512M (default: a quarter of this machine's RAM).")
+@click.option("--recall", default=None, type=Number(0, 1, open_min=True),
+              help="Recall@10 the index is tuned to, against exact search (default 0.95).")
 @click.option("--allow-missing", is_flag=True,
               help="With --model: switch even when some indexed files cannot be read, forgetting those rows.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
@@ -272,8 +303,8 @@ def info(obj: Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 @handle_errors
-def reindex(obj: Context, model: str | None, index_type: str | None, allow_missing: bool, batch_size: int,
-            workers: int | None, as_json: bool) -> None:
+def reindex(obj: Context, model: str | None, index_type: str | None, memory_budget: int | None, recall: float | None,
+            allow_missing: bool, batch_size: int, workers: int | None, as_json: bool) -> None:
     """Rebuild the index from stored embeddings, or re-embed the library with another encoder."""
     from ingest.pipeline import IngestConfig
     from ingest.reindex import reindex_library
@@ -283,7 +314,7 @@ def reindex(obj: Context, model: str | None, index_type: str | None, allow_missi
     try:
         report = reindex_library(obj.library(), model=model, factory=index_type, allow_missing=allow_missing,
                                  config=IngestConfig(batch_size=batch_size, workers=workers), progress=bar,
-                                 on_wait=_waiting)
+                                 on_wait=_waiting, memory_budget=memory_budget, recall=recall)
     finally:
         bar.close()
     if as_json:
@@ -300,6 +331,22 @@ def reindex(obj: Context, model: str | None, index_type: str | None, allow_missi
     for note in report.notes:
         click.echo(_printable(f"note: {note}"))
     click.echo(f"index {report.index}: {report.vectors} vectors in {report.seconds:.1f} s")
+    search = report.search or {}
+    if search.get("recall") is not None and search.get("queries"):
+        click.echo(f"tuned: {search['params'] or 'default search'}, re-ranking {search['rerank'] or 'none'}; "
+                   f"recall@{search['k']} {search['recall']:.3f} (target {search['target']:.2f})")
+
+
+def _byte_size(param: click.Parameter, value: str | None) -> int | None:
+    """A --memory-budget value (4G, 512M, bytes) as bytes."""
+    from engine.index_policy import parse_bytes
+
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
 
 
 @main.command()
@@ -409,6 +456,11 @@ def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(0), callback=cap_workers_option)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--expand", default=0, show_default=True, type=click.IntRange(0), metavar="N",
+              help="Rank as `engine query --expand N` does: each query expanded with its N nearest gallery images, "
+                   "its best hits re-ranked (retrieval figures; 0: the encoder alone).")
+@click.option("--expand-alpha", default=3.0, show_default=True, type=Number(0),
+              help="With --expand: the power of each neighbour's similarity that weighs it.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Write plots, metrics.json and report.md here.")
 @click.option("--json", "as_json", is_flag=True, help="Every figure as JSON, one object per model.")
@@ -416,7 +468,7 @@ def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
 @handle_errors
 def eval_(obj: Context, dataset: str | None, of_library: bool, models: tuple[str, ...], protocol: str, ks: str,
           max_per_class: int | None, n_pairs: int, threshold: float | None, batch_size: int, workers: int | None,
-          seed: int, out_dir: str | None, as_json: bool) -> None:
+          seed: int, expand: int, expand_alpha: float, out_dir: str | None, as_json: bool) -> None:
     """Retrieval and verification metrics of one or more models on DATASET (a folder-per-class tree
     or a pair CSV img_a,img_b,label), or of the library itself with --library."""
     from engine.evaluate import EvalConfig, evaluate_models, format_table
@@ -427,7 +479,7 @@ def eval_(obj: Context, dataset: str | None, of_library: bool, models: tuple[str
         raise click.UsageError("--library measures the library's own encoder; leave out --model")
     config = EvalConfig(protocol=protocol, ks=_parse_ks(ks), batch_size=batch_size, workers=workers,
                         max_per_class=max_per_class, n_pairs=n_pairs, seed=seed, threshold=threshold,
-                        device=obj.device)
+                        device=obj.device, expand=expand, expand_alpha=expand_alpha)
     bar = _ProgressBar("eval", unit="vectors" if of_library else "img", enabled=not as_json,
                        waiting="loading the encoder...")
     try:
@@ -456,7 +508,11 @@ def eval_(obj: Context, dataset: str | None, of_library: bool, models: tuple[str
 # Commands kept in their own modules (each imports only click at start-up): registered here so
 # that `engine --help` lists them with the rest.
 from engine.cli_serve import serve  # noqa: E402
+from engine.cli_settings import settings  # noqa: E402
 from engine.cli_train import train  # noqa: E402
+from engine.cli_import import import_shards_command  # noqa: E402
 
 main.add_command(train)
 main.add_command(serve)
+main.add_command(settings)
+main.add_command(import_shards_command)

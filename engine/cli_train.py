@@ -13,6 +13,7 @@ from engine.cli_params import Number, cap_workers_option
 # Torch-free: the train command's choices and its option check come from here at import time.
 from train.config import FIELDS as TRAIN_FIELDS
 from train.config import LOSSES, MINERS, PRESET_NAMES
+from engine.config import WHITENINGS
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
@@ -72,6 +73,14 @@ def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
 @click.option("--max-per-class", type=click.IntRange(2), default=None)
 @click.option("--workers", type=click.IntRange(0), default=None, callback=cap_workers_option)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--whiten-only", is_flag=True, default=None,
+              help="Fit a whitening layer on the encoder's embeddings of DATA instead of training (seconds): "
+                   "learned from the classes (pca for a pair list), --dim its size (default 256); written into "
+                   "the checkpoint.")
+@click.option("--whiten", type=click.Choice(WHITENINGS), default=None, help="With --whiten-only: the kind.")
+@click.option("--whiten-shrinkage", type=Number(0, 1), default=None,
+              help="With --whiten-only: covariance shrinkage towards the identity, 0..1 (default: 0.5 learned, "
+                   "0.9 pca).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_ctx
@@ -83,6 +92,11 @@ def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **
     from train.progress import TrainProgress
 
     config = _train_config(obj.device, options)
+    if config.whiten_only:
+        _whiten(data, out_dir, config, as_json, resume)
+        return
+    if config.whiten or config.whiten_shrinkage is not None:
+        raise click.UsageError("--whiten and --whiten-shrinkage go with --whiten-only")
     view = None if as_json else TrainProgress(file=sys.stderr, resume=resume)
     result = run_training(data, out_dir, config, progress=view, resume=resume,
                           on_epoch=view.epoch_end if view is not None else None)
@@ -97,3 +111,30 @@ def train(obj: Context, data: str, out_dir: str, as_json: bool, resume: bool, **
         click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
     click.echo(_printable(f"checkpoint: {result.checkpoint}"))
     click.echo(_printable(f"run folder: {result.out_dir} ({result.wall_s:.0f} s)"))
+
+
+def _whiten(data: str, out_dir: str, config: TrainConfig, as_json: bool, resume: bool) -> None:
+    """``engine train DATA --whiten-only``: fit, write the run folder, print before and after."""
+    from engine.console import Progress
+    from train.whitening import fit_whitening_run
+
+    if resume:
+        raise click.UsageError("--whiten-only fits in one go: there is nothing to --resume")
+    bar = Progress("whitening", enabled=not as_json, waiting="loading the encoder...")
+    try:
+        result = fit_whitening_run(data, out_dir, config, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    w = result.whitening
+    click.echo(f"{w['kind']} whitening to {w['dim']} dimensions, shrinkage {w['shrinkage']:g}, fitted on "
+               f"{w['images']} images")
+    for key in ("recall@1", "precision@10", "map@r", "roc_auc"):
+        if key in result.before:
+            click.echo(f"  {key:13s} {result.before[key]:.4f} -> {result.after[key]:.4f}  (held-out classes)")
+    for note in result.notes:
+        click.echo(_printable(f"note: {note}"), err=True)
+    click.echo(f"calibrated threshold (L2 distance): {result.threshold:.4f}")
+    click.echo(_printable(f"checkpoint: {result.checkpoint}"))

@@ -10,6 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+# Kinds of whitening layer (engine.whitening); here, torch- and numpy-free, for the CLI's choices.
+WHITENINGS = ("pca", "learned")
+# The encoders ``--model NAME`` builds with ImageNet weights and nothing trained: name -> backbone.
+# lite1 and lite2 are larger and slower than lite0 (README, "Quality levers"); their weights ship as
+# packages of the same family.
+PRETRAINED_MODELS = {"pretrained": DEFAULT_BACKBONE, "pretrained-lite1": "tf_efficientnet_lite1",
+                     "pretrained-lite2": "tf_efficientnet_lite2"}
+
+
+def is_pretrained(spec: str | None) -> bool:
+    """Whether a model spec names a pretrained encoder (``PRETRAINED_MODELS``) rather than a file."""
+    return spec in PRETRAINED_MODELS
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,10 @@ class EncoderConfig:
     pretrained: resolve ImageNet weights when the encoder is first built (ignored when weights come
         from a checkpoint).
     weights: an explicit weights file (a timm/torch state dict or an engine checkpoint).
+    pooling: "avg" (the backbone's own global pooling) or "gem" (generalised mean, exponent
+        ``gem_p``: a parameter of the backbone, learned when the backbone trains, else fixed).
+    whiten_dim: output size of a whitening layer after the head (engine.whitening: L2 norm, then
+        a linear map fitted once); ``None`` means none.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -30,17 +46,33 @@ class EncoderConfig:
     image_size: int | None = None
     pretrained: bool = True
     weights: str | None = None
+    pooling: str = "avg"
+    gem_p: float = 3.0
+    whiten_dim: int | None = None
+
+
+AUTO_INDEX = "auto"  # the index type chosen by engine.index_policy from the library's size
+DEFAULT_RECALL = 0.95
 
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How vectors are indexed: a FAISS index-factory string used after ``IDMap2``.
+    """How vectors are indexed.
 
-    ``"Flat"`` is exact search; ``"HNSW32"``, ``"IVF1024,Flat"`` or ``"IVF1024,PQ32"`` trade recall for
-    speed and memory. Vectors are L2-normalised and compared by inner product (cosine similarity).
+    factory: ``"auto"`` (the default: ``engine.index_policy`` chooses the type from the row count,
+        dimension and memory budget, and moves the library up as it grows), or a FAISS
+        index-factory string chosen by hand: ``"Flat"`` is exact search; ``"HNSW32"``,
+        ``"IVF1024,Flat"`` or ``"IVF1024,PQ32"`` trade recall for speed and memory.
+    memory_budget: bytes the index may use in memory; ``None`` means a share of this machine's
+        RAM (``engine.index_policy.default_memory_budget``).
+    recall: the recall@10 an approximate index is tuned to after each build (``engine.index_tuning``).
+
+    Vectors are L2-normalised and compared by inner product (cosine similarity).
     """
 
-    factory: str = "Flat"
+    factory: str = AUTO_INDEX
+    memory_budget: int | None = None
+    recall: float = DEFAULT_RECALL
 
 
 def default_home() -> Path:

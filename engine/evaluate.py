@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from engine.errors import DataError
+from engine.expansion import SHORTLIST_DEPTH, Expansion, ShortlistRescorer, expand_queries
 from engine.metrics import (
     knn,
     oneshot_accuracy,
@@ -67,6 +68,9 @@ class EvalConfig:
     threshold: the L2 distance judged for accuracy/precision/recall/F1; None = the model's own
         (``Encoder.decision_threshold``: a checkpoint's calibrated one, else DEFAULT_THRESHOLD).
     examples: queries shown in retrieval_examples.png; example_k: hits shown per query.
+    expand, expand_alpha: query expansion as ``engine query --expand`` does it (engine.expansion:
+        alpha-QE from the gallery, then the shortlist augmented and re-ranked); 0 = none. Retrieval
+        figures only: verification pairs compare two images as ``engine compare`` does.
     """
 
     protocol: str = "loo"
@@ -81,6 +85,8 @@ class EvalConfig:
     threshold: float | None = None
     examples: int = 6
     example_k: int = 5
+    expand: int = 0
+    expand_alpha: float = 3.0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -95,6 +101,11 @@ class EvalConfig:
             raise DataError(f"query_fraction must lie strictly between 0 and 1, got {self.query_fraction}")
         if self.n_pairs < 2:
             raise DataError(f"--pairs must be at least 2, got {self.n_pairs}")
+        Expansion(self.expand, self.expand_alpha)  # raises EngineError for a bad value
+
+    @property
+    def expansion(self) -> Expansion:
+        return Expansion(self.expand, self.expand_alpha)
 
 
 @dataclass(frozen=True)
@@ -294,17 +305,27 @@ def score_classes(emb: np.ndarray, labels: np.ndarray, paths: Sequence[str], cla
     The protocol, cut-offs, pairs and seed come from ``config``; ``threshold`` is the L2 distance
     judged for verification. The rest only describes the report."""
     start = time.perf_counter() if started is None else started
+    expansion = config.expansion
     if config.protocol == "loo":
-        metrics = retrieval_metrics(emb, labels, config.ks)
-        per_class = per_class_metrics(emb, labels, class_names)
+        queries = expand_queries(emb, emb, expansion, leave_out_self=True)
+        rescore = ShortlistRescorer(queries, emb, expansion, SHORTLIST_DEPTH) if expansion.enabled else None
+        metrics = retrieval_metrics(emb, labels, config.ks, query_vectors=queries, rescore=rescore)
+        per_class = per_class_metrics(emb, labels, class_names, query_vectors=queries, rescore=rescore)
         query_idx, gallery_idx = np.arange(emb.shape[0]), None
     else:
         query_idx, gallery_idx = _split_indices(labels, config.protocol, config.query_fraction, config.seed)
         q, ql, g, gl = emb[query_idx], labels[query_idx], emb[gallery_idx], labels[gallery_idx]
-        metrics = retrieval_metrics_split(q, ql, g, gl, config.ks)
-        per_class = per_class_metrics_split(q, ql, g, gl, class_names)
+        q = expand_queries(q, g, expansion)
+        rescore = ShortlistRescorer(q, g, expansion, SHORTLIST_DEPTH) if expansion.enabled else None
+        metrics = retrieval_metrics_split(q, ql, g, gl, config.ks, rescore=rescore)
+        per_class = per_class_metrics_split(q, ql, g, gl, class_names, rescore=rescore)
         if config.protocol == "oneshot":
-            metrics["oneshot_accuracy"] = oneshot_accuracy(q, ql, g, gl)
+            # The best gallery item as the ranking orders it (with expansion: after re-ranking).
+            metrics["oneshot_accuracy"] = (metrics["recall@1"] if expansion.enabled
+                                           else oneshot_accuracy(q, ql, g, gl))
+    if expansion.enabled:
+        metrics["expand"] = expansion.n
+        metrics["expand_alpha"] = expansion.alpha
 
     i, j, same = sample_pairs(labels, config.n_pairs, config.seed)
     ver, figures = _verification(pair_distances(emb[i], emb[j]), same, threshold)

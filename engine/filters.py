@@ -6,7 +6,9 @@ ids only, which is exact. Other index types cannot filter inside their search wi
 hits, so the search goes deeper instead (first as deep as the filter's share of the library
 suggests, then four times deeper each round) until k hits pass, the distance limit is crossed, or
 the whole index was searched. Hits excluded by id (the query's own file) and images removed since
-the index was read are skipped the same way. ``engine query`` and the service's search use this.
+the index was read are skipped the same way. An index with compressed scores (IVF-PQ and the like)
+has its candidates re-scored exactly from the stored vectors (``engine.rerank``), so every score,
+distance and distance limit here is exact. ``engine query`` and the service's search use this.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.query import Hit, score_to_distance
+from engine.rerank import search_exact
 
 if TYPE_CHECKING:
     from db.store import ImageRecord, MetadataStore
@@ -109,7 +112,7 @@ def rank_hits(store: MetadataStore, index: VectorIndex, vectors: np.ndarray, k: 
     pending = list(range(n_queries))
     while pending:
         sub = vectors[pending]
-        scores, ids = index.search_among(sub, depth, allowed) if exact else index.search(sub, depth)
+        scores, ids = index.search_among(sub, depth, allowed) if exact else search_exact(store, index, sub, depth)
         keep = _candidates(scores, ids, [excluded[q] for q in pending], None if exact else allowed,
                            hit_filter.max_distance)
         wanted = {i for row in keep for i, _ in row[0]} - records.keys()

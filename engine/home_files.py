@@ -12,18 +12,22 @@ The index state file (``index.json``) records, for the last save, what the index
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from db.store import DatabaseDamagedError, MetadataStore, StoreError
-from engine.errors import ReadOnlyError
-from engine.index import IndexFileError, IndexFileInfo, VectorIndex, file_identity
+from engine.config import AUTO_INDEX
+from engine.errors import EngineError, ReadOnlyError
+from engine.index import IndexFileError, IndexFileInfo, SearchSettings, VectorIndex, file_identity
 
 if TYPE_CHECKING:
     from engine.config import IndexConfig, LibraryPaths
     from engine.model_switch import ModelInfo
+
+log = logging.getLogger(__name__)
 
 READ_ONLY_ENV = "ENGINE_READ_ONLY"  # set (not "0"): open every library read-only (the CLI's --read-only)
 
@@ -205,21 +209,42 @@ class LibraryFiles:
 
     def read_index(self) -> VectorIndex:
         """The index file as it is on disk, checked, not reconciled: its checksum must be one the
-        state file recorded when it was saved, and it must be an IDMap2 inner-product index of the
-        library's dimension and recorded type. Raises IndexFileError (a CorruptFileError) with the
+        state file recorded when it was saved, and it must be an inner-product index holding row ids
+        (``engine.index``), of the library's dimension and recorded type. Raises IndexFileError (a CorruptFileError) with the
         reason otherwise (a missing file included). A file replaced by a save while it was read is
-        read again."""
+        read again. The search settings recorded with the file (``engine.index_tuning``) are applied,
+        and what it was built for is set (``built_rows``)."""
         factory = self._read_state().get("factory") or self.index_config().factory  # what the file was built as
+        if not isinstance(factory, str) or factory == AUTO_INDEX:
+            factory = None  # nothing recorded: the type is read from the file itself
         info = self.model_info()
         for attempt in range(3):
             before = file_identity(self.paths.index)
             try:
-                return VectorIndex.load(self.paths.index, factory, dim=info.dim if info is not None else None,
-                                        checksums=lambda: recorded_checksums(self._raw_state()), check_type=True)
+                index = VectorIndex.load(self.paths.index, factory, dim=info.dim if info is not None else None,
+                                         checksums=lambda: recorded_checksums(self._raw_state()),
+                                         check_type=factory is not None)
             except IndexFileError as exc:
                 if attempt == 2 or exc.identity is None or file_identity(self.paths.index) in (before, exc.identity):
                     raise
+            else:
+                self._restore_settings(index)
+                return index
         raise AssertionError("unreachable")
+
+    def _restore_settings(self, index: VectorIndex) -> None:
+        """Apply to ``index`` (just read) the search settings and the built-for row count recorded
+        with its file; settings that do not fit it (a hand-edited state) are ignored, with a note."""
+        entry = entry_with_checksum(self._raw_state(), index.source.checksum) if index.source is not None else {}
+        built = entry.get("built_rows")
+        if isinstance(built, int) and built >= 0:
+            index.built_rows = built
+        settings = SearchSettings.from_dict(entry.get("search"))
+        if settings is not None:
+            try:
+                index.apply(settings)
+            except EngineError as exc:
+                log.info("search settings recorded for the index not applied: %s", exc)
 
     def set_aside_index(self) -> Path | None:
         """Rename the index file to ``index.faiss.damaged-<time>`` (kept for inspection, never read

@@ -1,5 +1,10 @@
-"""The vector index: FAISS with ids equal to database row ids (``IDMap2``), inner product on
-L2-normalised vectors (cosine similarity), saved atomically.
+"""The vector index: FAISS with ids equal to database row ids, inner product on L2-normalised
+vectors (cosine similarity), saved atomically.
+
+Flat and graph types are wrapped in ``IDMap2`` (they number vectors by position); inverted-file
+types (``IVF...``, with or without a pre-transform such as ``OPQ``) keep the row ids in their own
+lists, as FAISS designed them to: ``IDMap2`` over an IVF index gives the wrong ids back after a
+removal (it compacts its id table, the lists keep the old positions).
 
 An index file is derived data and is read as untrusted: before FAISS parses it, its size, headers
 and id table are checked (so a damaged size field cannot make FAISS allocate gigabytes) and its
@@ -12,7 +17,7 @@ FAISS is imported on first use, so importing this module costs nothing at start-
 from __future__ import annotations
 
 import os
-import struct
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ import numpy as np
 
 from engine.atomic import atomic_path
 from engine.errors import CorruptFileError, EngineError
+from engine.index_layout import layout_problem
 
 if TYPE_CHECKING:
     import faiss as faiss_module
@@ -55,6 +61,53 @@ class IndexFileInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return {"bytes": self.bytes, "mtime_ns": self.mtime_ns, "checksum": self.checksum}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How an index is searched, as tuned after it was built (``engine.index_tuning``) and
+    recorded beside it: ``params`` in FAISS ``ParameterSpace`` syntax (``nprobe=32``,
+    ``efSearch=64``; empty for none); ``rerank``: for a search of ``k`` hits, how many candidates
+    (at least) are re-scored exactly from the stored vectors (0: the index's scores are exact);
+    ``recall``: recall@``k`` of the whole search (re-ranking included) measured against exact
+    search on ``queries`` held-out stored vectors when the index held ``rows`` vectors, for the
+    ``target`` asked (None: not measured)."""
+
+    params: str = ""
+    rerank: int = 0
+    recall: float | None = None
+    target: float | None = None
+    k: int = 10
+    queries: int = 0
+    rows: int = 0
+
+    def rerank_depth(self, k: int) -> int:
+        """Candidates to re-rank for a search of ``k`` hits: ``rerank`` scaled to ``k`` (never
+        fewer than ``k``); 0 when the index's own scores are exact."""
+        if self.rerank <= 0:
+            return 0
+        return max(int(k), self.rerank, -(-self.rerank * int(k) // max(1, self.k)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "rerank": self.rerank, "recall": self.recall, "target": self.target,
+                "k": self.k, "queries": self.queries, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "SearchSettings | None":
+        """The settings recorded in ``raw`` (a parsed ``index.json`` entry), None when they are
+        missing or malformed (the file is untrusted: nothing there may raise)."""
+        if not isinstance(raw, dict):
+            return None
+        try:
+            params = raw.get("params", "")
+            recall, target = raw.get("recall"), raw.get("target")
+            out = cls(params=params if isinstance(params, str) else "", rerank=max(0, int(raw.get("rerank", 0))),
+                      recall=None if recall is None else float(recall), target=None if target is None else float(target),
+                      k=max(1, int(raw.get("k", 10))), queries=max(0, int(raw.get("queries", 0))),
+                      rows=max(0, int(raw.get("rows", 0))))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return out if re.fullmatch(r"[A-Za-z_]+=[0-9.]+(,[A-Za-z_]+=[0-9.]+)*|", out.params) else None
 
 
 class IndexFileError(CorruptFileError):
@@ -96,88 +149,47 @@ def describe_file(path: str | os.PathLike) -> IndexFileInfo:
         return IndexFileInfo(int(st.st_size), int(st.st_mtime_ns), _checksum(fh))
 
 
-# FAISS's layout of an IDMap2 index: fourcc, header, the inner index (fourcc, header, payload),
-# then the id table (count, ids). Header: d, ntotal, two dummies (always 1 << 20), is_trained, metric.
-_HEADER = struct.Struct("<iqqqBi")
-_FOURCC_IDMAP2 = b"IxM2"
-_FOURCC_FLAT_IP = b"IxFI"
-_DUMMY = 1 << 20
-_HEADS = 2 * (4 + _HEADER.size)  # outer and inner fourcc + header
-_MAX_DIM = 1 << 16
-_FOREIGN_IDMAPS = {b"IxMp": "row ids it cannot give back (IDMap, not IDMap2)"}
-
-
-def _layout_problem(fh: Any, size: int, dim: int | None) -> tuple[str, str] | None:
-    """(code, reason) when the bytes cannot be an index of ours, else None. Reads the headers and
-    the id table's count only, so nothing a damaged file claims is allocated before it is checked;
-    for a Flat index (the default type) every size in the file is checked."""
-    if size == 0:
-        return "index-unreadable", "is empty"
-    head = fh.read(_HEADS)
-    magic = head[:4]
-    if magic != _FOURCC_IDMAP2:
-        if magic in _FOREIGN_IDMAPS:
-            return "index-foreign", f"holds {_FOREIGN_IDMAPS[magic]}"
-        if len(magic) == 4 and magic.isalnum() and magic[:1] == b"I":
-            return "index-foreign", "is a FAISS index that holds no row ids"
-        return "index-unreadable", "is not a FAISS index file"
-    if size < _HEADS + 16:
-        return "index-unreadable", f"is truncated ({size} bytes)"
-    d, ntotal, dummy1, dummy2, trained, metric = _HEADER.unpack_from(head, 4)
-    inner = head[4 + _HEADER.size:8 + _HEADER.size]
-    d2, ntotal2, dummy3, dummy4, trained2, metric2 = _HEADER.unpack_from(head, 8 + _HEADER.size)
-    if not (0 < d <= _MAX_DIM and ntotal >= 0 and dummy1 == dummy2 == dummy3 == dummy4 == _DUMMY
-            and trained in (0, 1) and trained2 in (0, 1) and (d2, ntotal2) == (d, ntotal)):
-        return "index-unreadable", "has a damaged header"
-    if metric != 0 or metric2 != 0:  # 0: METRIC_INNER_PRODUCT
-        return "index-foreign", "compares vectors by another metric than the inner product"
-    if dim is not None and d != dim:
-        return "index-dimension", f"has dimension {d}, the library's encoder {dim}"
-    table = 8 + 8 * ntotal
-    if _HEADS + table > size:
-        return "index-unreadable", f"is truncated or damaged (it claims {ntotal} vectors in {size} bytes)"
-    fh.seek(size - table)
-    (count,) = struct.unpack("<Q", fh.read(8))
-    if count != ntotal:
-        return "index-unreadable", "is truncated or its id table is damaged"
-    if inner == _FOURCC_FLAT_IP:
-        fh.seek(_HEADS)
-        (floats,) = struct.unpack("<Q", fh.read(8))  # the vectors, counted in float32 values
-        if floats != ntotal * d or size != _HEADS + 8 + 4 * floats + table:
-            return "index-unreadable", "is truncated or damaged (its sizes do not add up)"
-    return None
-
-
 class VectorIndex:
-    """A FAISS index keyed by int64 ids. Scores are inner products (cosine on unit vectors)."""
+    """A FAISS index keyed by int64 ids. Scores are inner products (cosine on unit vectors).
+
+    ``settings``: how it is searched (applied with ``apply``; recorded beside the saved file);
+    ``built_rows``: how many vectors it was built for (the library moves it to another type when
+    the row count outgrows that, see ``engine.index_policy``)."""
 
     def __init__(self, index: "faiss_module.Index", factory: str):
-        """index: a FAISS ``IndexIDMap2`` over the real index; factory: the factory string after
-        ``IDMap2`` (what is recorded beside the file)."""
+        """index: a FAISS ``IndexIDMap2`` over the real index, or an inverted-file index (possibly
+        under a pre-transform) that holds the row ids itself; factory: the factory string (after
+        ``IDMap2`` for a wrapped one: what is recorded beside the file)."""
         self._index = index
         self.factory = factory
         self._removable: bool | None = None  # probed once, on first question
         self.source: IndexFileInfo | None = None  # the file it was read from or last saved to
+        self.settings = SearchSettings()
+        self.built_rows = 0
 
     @classmethod
     def build(cls, dim: int, factory: str = "Flat") -> "VectorIndex":
         """An empty index of ``dim`` dimensions from a FAISS factory string (``Flat``, ``HNSW32``,
-        ``IVF1024,Flat``, ``IVF1024,PQ32`` ...), wrapped in ``IDMap2`` so ids are ours."""
+        ``IVF1024,Flat``, ``OPQ64_256,IVF1024,PQ64x4fs`` ...). Inverted-file types hold the row ids
+        in their lists; the others are wrapped in ``IDMap2`` so ids are ours."""
         faiss = _faiss()
         try:
-            index = faiss.index_factory(int(dim), f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+            if _native_ivf(index) is None:
+                index = faiss.index_factory(int(dim), f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as exc:
             raise EngineError(f"bad index type {factory!r}: {str(exc).splitlines()[0]}") from None
         return cls(index, factory)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, factory: str = "Flat", *, dim: int | None = None,
+    def load(cls, path: str | os.PathLike, factory: str | None = "Flat", *, dim: int | None = None,
              checksums: Collection[str] | Callable[[], Collection[str]] | None = None,
              check_type: bool = False) -> "VectorIndex":
         """Read and check an index file; the result's ``source`` describes the file read.
 
-        factory: the factory string recorded for it; with check_type, the file must be of the
-        FAISS class that string builds (so ``IVF64,Flat`` accepts any IVF-flat file). dim: the
+        factory: the factory string recorded for it (None: unknown, read from the file's structure);
+        with check_type, the file must be of the FAISS classes that string builds (so ``IVF64,Flat``
+        accepts any IVF-flat file). dim: the
         dimension it must have. checksums: the checksums recorded
         for it when it was saved (or a callable giving them, called once the file has been hashed,
         so a save that lands meanwhile is seen); the file's must be among them, and an empty
@@ -211,7 +223,7 @@ class VectorIndex:
                     raise fail("index-unreadable", "is damaged: its checksum differs from the one recorded when it "
                                "was saved", identity)
             fh.seek(0)
-            problem = _layout_problem(fh, identity[0], dim)
+            problem = layout_problem(fh, identity[0], dim)
             if problem is not None:
                 raise fail(*problem, identity)
             # the same open file (not the name, which a save may have moved on) where the OS allows
@@ -225,8 +237,9 @@ class VectorIndex:
         problem = _kind_problem(index, factory if check_type else None, dim)
         if problem is not None:
             raise fail(*problem, identity)
-        loaded = cls(index, factory)
+        loaded = cls(index, factory if factory is not None else _factory_of(index))
         loaded.source = IndexFileInfo(identity[0], identity[1], checksum)
+        loaded.built_rows = loaded.ntotal
         return loaded
 
     @property
@@ -263,12 +276,18 @@ class VectorIndex:
             self._index.add_with_ids(x, ids)
 
     @property
+    def _mapped(self) -> bool:
+        """True when ids are kept by an ``IDMap2`` wrapper (Flat, HNSW, ...), False when the index
+        holds them itself (inverted files)."""
+        return isinstance(self._index, _faiss().IndexIDMap2)
+
+    @property
     def supports_removal(self) -> bool:
         """Whether vectors can be removed by id. Graph indexes (HNSW) cannot: an index of that type
         is rebuilt instead. Asked of FAISS itself, by removing nothing from the inner index."""
         if self._removable is None:
             faiss = _faiss()
-            inner = faiss.downcast_index(self._index.index)
+            inner = faiss.downcast_index(self._index.index) if self._mapped else self._index
             try:
                 inner.remove_ids(faiss.IDSelectorRange(0, 0))
             except RuntimeError:
@@ -282,7 +301,25 @@ class VectorIndex:
         """True for a flat index, which holds the vectors as added (so they can be compared with
         the stored ones); the others hold them lossily or search approximately."""
         faiss = _faiss()
-        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
+        return self._mapped and isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
+
+    @property
+    def exact_scores(self) -> bool:
+        """True when the scores a search returns are exact inner products of the full vectors
+        (Flat, HNSW over flat storage, IVF-Flat); False for compressed codes (PQ, SQ) and reduced
+        dimensions (PCA, OPQ), whose candidates the search path re-scores from the stored
+        vectors (see ``engine.rerank``)."""
+        faiss = _faiss()
+        if self._mapped:
+            return isinstance(faiss.downcast_index(self._index.index), (faiss.IndexFlat, faiss.IndexHNSWFlat))
+        return isinstance(faiss.downcast_index(self._index), faiss.IndexIVFFlat)
+
+    def apply(self, settings: SearchSettings) -> None:
+        """Search with ``settings`` from now on (their FAISS parameters are set on the index).
+        Raises EngineError for parameters this index type lacks."""
+        if settings.params:
+            self.set_search_parameters(settings.params)
+        self.settings = settings
 
     def remove(self, ids: Iterable[int] | np.ndarray) -> int:
         """Remove vectors by id (int64 [N]; unknown ids are ignored); returns how many were removed.
@@ -295,10 +332,10 @@ class VectorIndex:
         return int(self._index.remove_ids(ids))
 
     def replace_with(self, other: "VectorIndex") -> None:
-        """Take over ``other``'s vectors and type in place, so every holder of this object sees the
-        replacement (a rebuilt index standing in for one that could not remove)."""
+        """Take over ``other``'s vectors, type and settings in place, so every holder of this object
+        sees the replacement (a rebuilt index standing in for one that could not remove)."""
         self._index, self.factory, self._removable = other._index, other.factory, other._removable
-        self.source = other.source
+        self.source, self.settings, self.built_rows = other.source, other.settings, other.built_rows
 
     def reconstruct(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """The vectors held under ``ids`` (int64 [N], each held): float32 [N, D]. Exact only for a
@@ -321,9 +358,9 @@ class VectorIndex:
             raise EngineError(f"index {self.factory!r} does not take {params!r}: {str(exc).splitlines()[0]}") from None
 
     def ids(self) -> np.ndarray:
-        """All ids held, int64 [ntotal] (insertion order)."""
-        faiss = _faiss()
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        """All ids held, int64 [ntotal] (insertion order for a wrapped index; list by list for an
+        inverted file)."""
+        return _held_ids(self._index)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: returns (scores float32 [Q, k], ids int64 [Q, k]); slots past
@@ -340,8 +377,7 @@ class VectorIndex:
     @property
     def filters_exactly(self) -> bool:
         """True when ``search_among`` can restrict a search to given ids exactly (a Flat index)."""
-        faiss = _faiss()
-        return isinstance(faiss.downcast_index(self._index.index), faiss.IndexFlat)
+        return self.is_exact
 
     def search_among(self, embeddings: np.ndarray, k: int,
                      ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -391,31 +427,103 @@ class VectorIndex:
         return int(faiss.serialize_index(self._index).nbytes)
 
 
+def _native_ivf(index: Any) -> Any | None:
+    """The inverted-file index that holds the row ids of ``index`` itself (an IVF index, or one
+    under a pre-transform), downcast; None for any other kind (an ``IDMap2`` wrapper included)."""
+    faiss = _faiss()
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexPreTransform):
+        top = faiss.downcast_index(top.index)
+    return top if isinstance(top, faiss.IndexIVF) else None
+
+
+def _held_ids(index: Any) -> np.ndarray:
+    """The ids ``index`` holds, int64 [ntotal]: an ``IDMap2``'s table, or the ids of every list of
+    an inverted file."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    ivf = _native_ivf(index)
+    lists = ivf.invlists
+    parts = []
+    for number in range(lists.nlist):
+        size = lists.list_size(number)
+        if size:
+            pointer = lists.get_ids(number)
+            parts.append(faiss.rev_swig_ptr(pointer, size).copy())
+            lists.release_ids(number, pointer)
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def _structure(index: Any) -> list[type]:
+    """The FAISS classes ``index`` is made of, outermost first: wrappers, transforms, the index,
+    an inverted file's coarse quantiser (what a factory string decides)."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIDMap2):
+        return [type(index), *_structure(index.index)]
+    if isinstance(index, faiss.IndexPreTransform):
+        steps = [type(faiss.downcast_VectorTransform(index.chain.at(i))) for i in range(index.chain.size())]
+        return [type(index), *steps, *_structure(index.index)]
+    if isinstance(index, faiss.IndexIVF):
+        return [type(index), type(faiss.downcast_index(index.quantizer))]
+    return [type(index)]
+
+
+def _factory_of(index: Any) -> str:
+    """The factory string FAISS reads back from ``index``'s structure (without an ``IDMap2``
+    wrapper); its class name when FAISS cannot name it."""
+    from faiss.contrib.factory_tools import reverse_index_factory
+
+    faiss = _faiss()
+    held = [faiss.downcast_index(index)]  # a wrapper owns what it wraps: keep it alive meanwhile
+    if isinstance(held[0], faiss.IndexIDMap2):
+        held.append(faiss.downcast_index(held[0].index))
+    try:
+        return reverse_index_factory(held[-1])
+    except (NotImplementedError, KeyError, RuntimeError, AttributeError):
+        return type(held[-1]).__name__
+
+
+def _same_kind(found: list[type], expected: list[type]) -> bool:
+    """Whether the classes of a read index fit those a factory string builds (a subclass either
+    way: ``IndexFlatIP`` is an ``IndexFlat``)."""
+    return len(found) == len(expected) and all(issubclass(a, b) or issubclass(b, a) for a, b in zip(found, expected))
+
+
 def _kind_problem(index: Any, factory: str | None, dim: int | None) -> tuple[str, str] | None:
     """(code, reason) when a FAISS index read from a file is not what the library needs: row ids
-    (IDMap2), inner product, ``dim`` dimensions, the type ``factory`` builds (when given), one id
-    per vector."""
+    (IDMap2, or an inverted file's own), inner product, ``dim`` dimensions, the type ``factory``
+    builds (when given), one id per vector."""
     faiss = _faiss()
-    if not isinstance(index, faiss.IndexIDMap2):
+    native = _native_ivf(index)
+    if not isinstance(index, faiss.IndexIDMap2) and native is None:
         return "index-foreign", "holds no row ids"
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         return "index-foreign", "compares vectors by another metric than the inner product"
     if dim is not None and index.d != dim:
         return "index-dimension", f"has dimension {index.d}, the library's encoder {dim}"
-    inner = faiss.downcast_index(index.index)
-    if inner.ntotal != index.ntotal or index.id_map.size() != index.ntotal or (index.ntotal and not inner.is_trained):
+    if native is None:
+        inner = faiss.downcast_index(index.index)
+        if inner.ntotal != index.ntotal or index.id_map.size() != index.ntotal or (index.ntotal and not inner.is_trained):
+            return "index-unreadable", "is damaged (its parts disagree on what it holds)"
+        if _native_ivf(inner) is not None:  # an older engine's file: a removal would scramble its ids
+            return "index-foreign", "is an inverted file under an id table (whose ids a removal scrambles)"
+    elif native.ntotal != index.ntotal or (index.ntotal and not index.is_trained):
         return "index-unreadable", "is damaged (its parts disagree on what it holds)"
-    expected = type(inner)
     if factory is not None:
         try:
-            model = VectorIndex.build(index.d, factory)  # held while its inner index is looked at
+            model = VectorIndex.build(index.d, factory)  # held while its structure is looked at
         except EngineError:  # a type this FAISS cannot build: nothing to compare with
             pass
         else:
-            expected = type(faiss.downcast_index(model._index.index))
-    if not (isinstance(inner, expected) or issubclass(expected, type(inner))):  # IndexFlatIP is an IndexFlat
-        return "index-foreign", f"is a {type(inner).__name__}, not the library's index type {factory!r}"
-    ids = faiss.vector_to_array(index.id_map)
+            if not _same_kind(_structure(index), _structure(model._index)):
+                inner = index.index if native is None else index
+                return "index-foreign", f"is a {type(faiss.downcast_index(inner)).__name__}, not the library's index " \
+                                        f"type {factory!r}"
+    ids = _held_ids(index)
+    if len(ids) != index.ntotal:
+        return "index-unreadable", "is damaged (its parts disagree on what it holds)"
     if len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids)):
         return "index-duplicates", "holds duplicate or negative row ids"
     return None

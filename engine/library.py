@@ -16,19 +16,23 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from db.locks import StoreLockedError
 from db.store import DatabaseDamagedError, MetadataStore, StoreError, StoreURLError
 from engine.atomic import write_atomic
-from engine.config import IndexConfig, LibraryPaths, default_home
+from engine.config import AUTO_INDEX, DEFAULT_RECALL, IndexConfig, LibraryPaths, default_home, is_pretrained
 from engine.errors import CorruptFileError, EngineError, IndexMissingError, LockError, ModelError, ModelMismatchError
 from engine.faults import fault_armed, fault_point
 from engine.home_files import LibraryFiles, read_only_reason
+from engine.index_growth import INDEX_OPTIONS_KEY, IndexGrowth
 from engine.index import IndexFileError, IndexFileInfo, VectorIndex, file_identity
 from engine.model_switch import ModelInfo, ModelSwitching, describe_model
+from engine.shared_home import publish_encoder, sync_encoder
 
 if TYPE_CHECKING:  # torch: imported only by the methods that build an encoder
     from engine.encoder import Encoder
@@ -72,7 +76,7 @@ def _check_list_count(factory: str, vectors: int) -> None:
                           f"number of vectors ({fits!r})")
 
 
-class Library(LibraryFiles, ModelSwitching):
+class Library(LibraryFiles, IndexGrowth, ModelSwitching):
     """Open a library in ``home`` (default: ``$ENGINE_HOME``, see ``default_home``), created on first
     write. ``database_url`` overrides the default SQLite file with any SQLAlchemy URL; without one,
     ``$ENGINE_DATABASE_URL`` is used when set.
@@ -136,7 +140,14 @@ class Library(LibraryFiles, ModelSwitching):
         return ModelInfo(**raw)
 
     def index_config(self) -> IndexConfig:
-        return IndexConfig(factory=self.store.get_meta("index_factory", "Flat"))
+        """The library's index settings: its type (``auto`` unless chosen with `engine reindex
+        --index-type`), memory budget and recall target (`--memory-budget`, `--recall`)."""
+        options = self.store.get_meta(INDEX_OPTIONS_KEY) or {}
+        budget = options.get("memory_budget") if isinstance(options, dict) else None
+        recall = options.get("recall") if isinstance(options, dict) else None
+        return IndexConfig(factory=self.store.get_meta("index_factory", AUTO_INDEX),
+                           memory_budget=budget if isinstance(budget, int) and budget > 0 else None,
+                           recall=float(recall) if isinstance(recall, (int, float)) and 0 < recall <= 1 else DEFAULT_RECALL)
 
     def encoder(self) -> Encoder:
         """The library's encoder, rebuilt from the checkpoint saved in its home (once, then kept)."""
@@ -147,6 +158,7 @@ class Library(LibraryFiles, ModelSwitching):
             if info is None:
                 raise IndexMissingError(f"no library in {self.paths.home} yet; run `engine ingest PATH` first")
             device = resolve_device(self.device)
+            sync_encoder(self)  # a home sharing its database with others gets the encoder from it
             encoder: Encoder | None = None
             problem: EngineError
             if not self.paths.encoder.exists():
@@ -237,8 +249,9 @@ class Library(LibraryFiles, ModelSwitching):
         save_checkpoint(encoder, self.paths.encoder)
         info = describe_model(spec, encoder)
         self.store.set_meta("model", info.to_dict())
+        publish_encoder(self)  # for the other homes of a shared database
         if index_factory is not None or self.store.get_meta("index_factory") is None:
-            self.store.set_meta("index_factory", index_factory or "Flat")
+            self.store.set_meta("index_factory", index_factory or AUTO_INDEX)
         self._encoder = encoder
         self.save_scripted_copy(encoder)
         return encoder
@@ -258,8 +271,8 @@ class Library(LibraryFiles, ModelSwitching):
         info = self.model_info()
         if info is None:
             return
-        if spec == "pretrained":
-            same = info.spec == "pretrained"
+        if is_pretrained(spec):
+            same = info.spec == spec
         else:
             from engine.encoder import load_checkpoint
 
@@ -380,35 +393,61 @@ class Library(LibraryFiles, ModelSwitching):
             self.save_index(index, generation=generation, epoch=epoch)
         return index
 
-    def build_index(self, factory: str, *, pending: bool = False, sample: int = 100000, seed: int = 0) -> VectorIndex:
-        """A new index of type ``factory`` holding every stored vector (with ``pending``: every
-        vector staged by a reindex, made by ``self.pending_model()``), trained first, for IVF/PQ
-        types, on a seeded random sample of at most ``sample`` of them. Nothing is saved.
+    def build_index(self, factory: str, *, pending: bool = False, sample: int | None = None, seed: int = 0,
+                    tune: bool = True, config: IndexConfig | None = None) -> VectorIndex:
+        """A new index of type ``factory`` (``auto``: the one ``plan_index`` chooses for the
+        vectors there are) holding every stored vector (with ``pending``: every vector staged by
+        a reindex, made by ``self.pending_model()``), trained first, for IVF/PQ types, on a seeded
+        random sample of them (``sample`` at most; default: what the type needs, see
+        ``engine.index_policy.training_size``). With ``tune``, an approximate type is then tuned to
+        the library's recall target on held-out stored vectors (``engine.index_tuning``; the exact
+        answers are computed in the same pass over the vectors). config: the memory budget and
+        recall target to build with (default: the library's, ``index_config``). Nothing is saved.
 
         Raises EngineError, having changed nothing, when the type cannot be built for this
         dimension or cannot be trained on the vectors there are (with the reason: too few vectors
         for the number of lists, or for a product quantiser's codebooks)."""
+        from engine.index_policy import training_size
+        from engine.index_tuning import ExactNeighbours, TuningConfig, held_out_ids, tune_index
+
         info = self.pending_model() if pending else self.model_info()
         if info is None:
             raise IndexMissingError(f"no library in {self.paths.home} yet")
         store = self.store
-        index = VectorIndex.build(info.dim, factory)
         ids = store.pending_ids() if pending else store.embedding_ids()
+        config = config or self.index_config()
+        if factory == AUTO_INDEX:
+            factory = self.plan_index(len(ids), info.dim, config=config).factory
+        index = VectorIndex.build(info.dim, factory)
         read = store.get_pending if pending else store.get_embeddings
         if not index.is_trained:
             if not len(ids):
                 return VectorIndex.build(info.dim, "Flat")  # nothing to train on yet: exact until there is
             _check_list_count(factory, len(ids))
-            chosen = np.sort(np.random.default_rng(seed).choice(ids, size=min(sample, len(ids)), replace=False))
+            size = min(sample or training_size(factory, len(ids)), len(ids))
+            chosen = np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
             index.train(read(chosen, info.dim)[1])
+        tuning = TuningConfig(target=config.recall, seed=seed)
+        truth = None
+        if tune and not index.is_exact and len(ids) > tuning.k + 1:
+            query_ids, queries = read(held_out_ids(ids, tuning.queries, seed + 1), info.dim)
+            truth = ExactNeighbours(queries, query_ids, tuning.k)
         try:
             for start in range(0, len(ids), 20000):
                 got, vectors = read(ids[start:start + 20000], info.dim)
                 index.add(vectors, got)
+                if truth is not None:
+                    truth.add(got, vectors)
             if index.ntotal:  # a type that builds and trains but cannot answer is refused here, not by a query
                 index.search(vectors[:1], 1)
         except RuntimeError as exc:
             raise EngineError(f"index type {factory!r} cannot be used: {str(exc).splitlines()[0]}") from None
+        index.built_rows = index.ntotal
+        if truth is not None:
+            settings = tune_index(index, lambda wanted: read(wanted, info.dim), truth.queries, truth.query_ids, truth,
+                                  tuning)
+            log.info("index %s tuned: %s, re-ranking %d, recall@%d %.3f (target %.3f)", factory,
+                     settings.params or "defaults", settings.rerank, settings.k, settings.recall or 0, settings.target)
         return index
 
     def save_index(self, index: VectorIndex, *, generation: int | None = None, epoch: int | None = None) -> None:
@@ -432,14 +471,17 @@ class Library(LibraryFiles, ModelSwitching):
             with contextlib.suppress(OSError):
                 stale.unlink()
         state = {"generation": generation, "ntotal": index.ntotal, "factory": index.factory, "epoch": epoch,
-                 "model": info.identity if info is not None else None}
+                 "model": info.identity if info is not None else None, "search": index.settings.to_dict(),
+                 "built_rows": index.built_rows}
         previous = self._read_state()  # the record of the file on disk, which stays valid until it is replaced
 
         def record(saved: IndexFileInfo) -> None:  # before the new file replaces the old one: see home_files
             write_atomic(self.paths.index_state, json.dumps(dict(state, file=saved.to_dict(), previous=previous or None)))
             fault_point("index-state-written")
 
+        started = time.monotonic()
         index.save(self.paths.index, before_replace=record)
+        self.saved_index(time.monotonic() - started)
         fault_point("index-replaced")
 
     # -- locking -------------------------------------------------------------------------------
@@ -472,12 +514,19 @@ class Library(LibraryFiles, ModelSwitching):
                 if on_wait:
                     on_wait()
                 fcntl.flock(fh, fcntl.LOCK_EX)
-            self._lock_depth = 1
-            try:
-                yield
-            finally:
-                self._lock_depth = 0
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            with contextlib.ExitStack() as shared:
+                if self.database_url is not None:  # other homes may write this database: its own lock too
+                    try:
+                        shared.enter_context(self.store.write_lock(wait=wait, on_wait=on_wait))
+                    except StoreLockedError:
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+                        raise LockError(f"another process is writing to the library in {self.store.where}") from None
+                self._lock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth = 0
+                    fcntl.flock(fh, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._store is not None:

@@ -16,7 +16,7 @@ out of every retrieval average.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # Elements of a [chunk, N] similarity block handled at once: with the packed sort keys, the labels
 # and the running counts this bounds the working set to a few hundred MB whatever N is.
 _BLOCK_ELEMENTS = 1 << 22
+
+# rescore(sims float32 [c, N], start): re-ranks a block of query rows in place (see _score_queries).
+Rescore = Callable[[np.ndarray, int], None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,8 +169,10 @@ def _tied_average_precision(relevant: np.ndarray, keys: np.ndarray, hits: np.nda
 
 def _score_queries(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray,
                    gallery_labels: np.ndarray, ks: tuple[int, ...],
-                   self_index: np.ndarray | None) -> dict[str, np.ndarray]:
+                   self_index: np.ndarray | None, rescore: Rescore | None = None) -> dict[str, np.ndarray]:
     """Per-query figures. self_index int64 [Q]: the gallery item each query must skip (LOO), or None.
+    rescore(sims, start): changes a block of similarities (float32 [c, N], query rows start..start+c)
+    in place before ranking (engine.expansion.ShortlistRescorer).
 
     Returns float64 arrays [Q] keyed like the summary plus "relevant" (R) and "top1" (label of the
     best hit, -1 without one); rows with R = 0 hold NaN.
@@ -189,6 +194,8 @@ def _score_queries(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb:
         if self_index is not None:
             # -inf sorts last, and the ranking is cut one short, so the query never sees itself.
             sims[np.arange(stop - start), self_index[start:stop]] = -np.inf
+        if rescore is not None:
+            rescore(sims, start)
         order, keys = _rank(sims)
         order, keys = order[:, :length], keys[:, :length]
         relevant = gallery_labels[order] == query_labels[start:stop, None]
@@ -235,8 +242,12 @@ def _summarise(per_query: dict[str, np.ndarray], ks: tuple[int, ...]) -> dict[st
     return summary
 
 
-def _loo_per_query(embeddings, labels, ks, queries_mask) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def _loo_per_query(embeddings, labels, ks, queries_mask, query_vectors=None,
+                   rescore=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     emb = _as_embeddings(embeddings, "embeddings")
+    searched = emb if query_vectors is None else _as_embeddings(query_vectors, "query vectors")
+    if searched.shape != emb.shape:
+        raise DataError(f"query vectors must be shaped like the embeddings {emb.shape}, got {searched.shape}")
     lab = _as_labels(labels, emb.shape[0], "labels")
     ks = _as_ks(ks)
     if queries_mask is None:
@@ -248,16 +259,22 @@ def _loo_per_query(embeddings, labels, ks, queries_mask) -> tuple[dict[str, np.n
         query_index = np.flatnonzero(mask).astype(np.int64)
         if query_index.size == 0:
             raise DataError("queries_mask selects no query")
-    per_query = _score_queries(emb[query_index], lab[query_index], emb, lab, ks, query_index)
+    if rescore is not None and queries_mask is not None:
+        raise DataError("rescore works on every query (no queries_mask)")
+    per_query = _score_queries(searched[query_index], lab[query_index], emb, lab, ks, query_index, rescore)
     return per_query, lab[query_index], query_index
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5, 10), *,
-                      queries_mask: np.ndarray | None = None) -> dict[str, float]:
+                      queries_mask: np.ndarray | None = None, query_vectors: np.ndarray | None = None,
+                      rescore: Rescore | None = None) -> dict[str, float]:
     """Leave-one-out retrieval: each image queries all the others.
 
     embeddings: float32 [N, D] (unit rows for cosine); labels: int64 [N]; ks: cut-offs K.
     queries_mask: bool [N] choosing which images act as queries (all stay in the gallery).
+    query_vectors: float32 [N, D], what image i searches with in place of its embedding (an
+        expanded query, engine.expansion); it still skips itself and is scored by its label.
+    rescore: re-ranks each block of similarities in place (see ``_score_queries``).
 
     Returns, averaged over the queries that have R > 0 other images of their class:
       "recall@K"     share of queries with at least one same-class item in the top K;
@@ -269,17 +286,18 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[i
       "queries"      how many queries were averaged.
     Raises DataError on empty or malformed input or when no query has R > 0.
     """
-    per_query, _, _ = _loo_per_query(embeddings, labels, ks, queries_mask)
+    per_query, _, _ = _loo_per_query(embeddings, labels, ks, queries_mask, query_vectors, rescore)
     return _summarise(per_query, _as_ks(ks))
 
 
 def retrieval_metrics_split(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray,
-                            gallery_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+                            gallery_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10), *,
+                            rescore: Rescore | None = None) -> dict[str, float]:
     """``retrieval_metrics`` for separate sets: query_emb float32 [Q, D] with query_labels int64 [Q]
     rank gallery_emb float32 [N, D] with gallery_labels int64 [N]; R counts the gallery items of the
     query's class. Same keys; queries with R = 0 are left out."""
     q, ql, g, gl, ks = _split_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks)
-    return _summarise(_score_queries(q, ql, g, gl, ks, None), ks)
+    return _summarise(_score_queries(q, ql, g, gl, ks, None, rescore), ks)
 
 
 def _split_inputs(query_emb, query_labels, gallery_emb, gallery_labels, ks):
@@ -321,7 +339,8 @@ def _class_rows(per_query: dict[str, np.ndarray], query_labels: np.ndarray, all_
 
 
 def per_class_metrics(embeddings: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, *,
-                      queries_mask: np.ndarray | None = None) -> list[dict]:
+                      queries_mask: np.ndarray | None = None, query_vectors: np.ndarray | None = None,
+                      rescore: Rescore | None = None) -> list[dict]:
     """Leave-one-out recall@1 and MAP@R per class, worst first.
 
     embeddings float32 [N, D]; labels int64 [N]; class_names indexed by label (else the label).
@@ -329,15 +348,16 @@ def per_class_metrics(embeddings: np.ndarray, labels: np.ndarray, class_names: S
     by map@r then recall@1 ascending; a class with one image has queries 0, None scores and comes
     last. "confused_with" is the class most often ranked first for this class's wrong queries.
     """
-    per_query, query_labels, _ = _loo_per_query(embeddings, labels, (1,), queries_mask)
+    per_query, query_labels, _ = _loo_per_query(embeddings, labels, (1,), queries_mask, query_vectors, rescore)
     return _class_rows(per_query, query_labels, _as_labels(labels, len(labels), "labels"), class_names)
 
 
 def per_class_metrics_split(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray,
-                            gallery_labels: np.ndarray, class_names: Sequence[str] | None = None) -> list[dict]:
+                            gallery_labels: np.ndarray, class_names: Sequence[str] | None = None, *,
+                            rescore: Rescore | None = None) -> list[dict]:
     """``per_class_metrics`` for separate query and gallery sets ("images" counts both)."""
     q, ql, g, gl, _ = _split_inputs(query_emb, query_labels, gallery_emb, gallery_labels, (1,))
-    per_query = _score_queries(q, ql, g, gl, (1,), None)
+    per_query = _score_queries(q, ql, g, gl, (1,), None, rescore)
     rows = _class_rows(per_query, ql, np.concatenate([ql, gl]), class_names)
     return rows
 

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 from db.store import StoreError
 from engine.atomic import move_atomic
+from engine.config import is_pretrained
 from engine.errors import EngineError, LockError, ModelError
 from engine.faults import fault_point
+from engine.shared_home import encoder_files
 
 if TYPE_CHECKING:
     from db.store import MetadataStore
@@ -48,7 +50,7 @@ class ModelInfo:
 def describe_model(spec: str, encoder: Encoder) -> ModelInfo:
     """What a library remembers of ``encoder``, made from ``spec`` (``pretrained`` or a checkpoint
     path, kept absolute)."""
-    return ModelInfo(spec=spec if spec == "pretrained" else os.path.abspath(spec), identity=encoder.identity(),
+    return ModelInfo(spec=spec if is_pretrained(spec) else os.path.abspath(spec), identity=encoder.identity(),
                      backbone=encoder.config.backbone, dim=encoder.dim, input_size=tuple(encoder.data_config["input_size"]),
                      weights_source=encoder.metadata.get("weights_source"))
 
@@ -102,7 +104,8 @@ class ModelSwitching:
         save_checkpoint(encoder, self.paths.encoder_pending)  # exactly this encoder waits beside encoder.pt
         fault_point("reindex-before-switch")
         try:
-            switched = self.store.switch_to_pending({"model": info.to_dict()}, drop_ids)
+            switched = self.store.switch_to_pending({"model": info.to_dict()}, drop_ids,
+                                                    files=encoder_files(self, self.paths.encoder_pending))
         except StoreError as exc:
             raise EngineError(f"{exc}; run `engine reindex --model {info.spec}` again") from None
         fault_point("reindex-switched")

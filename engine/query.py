@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -163,7 +163,8 @@ def embed_queries(library: Library, paths: Sequence[str], *, batch_size: int = 3
 
 def search_library(library: Library, images: Sequence[str | os.PathLike], k: int = 10, *,
                    threshold: float | None = None, batch_size: int = 32, hit_filter: HitFilter | None = None,
-                   exclude_self: bool = False, progress: ProgressFn | None = None) -> list[QueryResult]:
+                   exclude_self: bool = False, progress: ProgressFn | None = None,
+                   expand: int | None = None) -> list[QueryResult]:
     """Rank the library's images by similarity to each query image.
 
     images: files or folders; folders are walked exactly as ingest walks them
@@ -178,7 +179,9 @@ def search_library(library: Library, images: Sequence[str | os.PathLike], k: int
     hit_filter (engine.filters.HitFilter): keep only hits within a distance, a capture-time range,
     a camera or folders; the k best that pass come back (the search goes deeper, nothing is lost
     to the filter). exclude_self: leave out each query's own file (the indexed image its path, or
-    its real path, is recorded as, with its byte-identical copies).
+    its real path, is recorded as, with its byte-identical copies). expand: query expansion with
+    this many stored neighbours (engine.expansion; 0 = off); None = the library's setting. The
+    query's own file never expands it.
 
     Raises IndexMissingError when nothing is indexed (without creating the library folder),
     EngineError when ``k`` is not a whole number >= 1, ``threshold`` is not a finite distance,
@@ -204,11 +207,16 @@ def search_library(library: Library, images: Sequence[str | os.PathLike], k: int
         if e is not None:
             results[i] = QueryResult(paths[i], error=e)
     if ok:
-        from engine.filters import HitFilter, rank_hits
+        from engine.expansion import library_expansion, rank_expanded
+        from engine.filters import HitFilter
 
-        exclude = _own_ids(library, [paths[i] for i in ok]) if exclude_self else None
-        ranked = rank_hits(library.store, index, vectors[ok], min(k, max(1, index.ntotal)),
-                           hit_filter=hit_filter or HitFilter(), exclude=exclude, label_threshold=threshold)
+        expansion = library_expansion(library)
+        if expand is not None:
+            expansion = replace(expansion, n=expand)
+        own = _own_ids(library, [paths[i] for i in ok]) if exclude_self or expansion.enabled else None
+        ranked = rank_expanded(library.store, index, vectors[ok], min(k, max(1, index.ntotal)), expansion,
+                               hit_filter=hit_filter or HitFilter(), exclude=own if exclude_self else None,
+                               own=own, label_threshold=threshold)
         for i, hits in zip(ok, ranked):
             results[i] = QueryResult(paths[i], hits)
     return missing + [r for r in results if r is not None]

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from db.vectors import TOLERANCE
 from engine.checkpoint import save_checkpoint
+from engine.config import is_pretrained
 from engine.encoder import Encoder, load_checkpoint, load_encoder
 from engine.errors import CorruptFileError, EngineError, ModelError
 from engine.index import IndexFileError, VectorIndex
@@ -35,7 +37,7 @@ from engine.library import Library, ModelInfo, stale_temp_files
 from engine.loader import ImageFileDataset, decode_batches
 from engine.preprocess import build_transform, draft_size_for
 from ingest.pipeline import IngestConfig, ingest_paths
-from ingest.presence import UNMOUNTED, split_missing
+from ingest.presence import UNMOUNTED, IndexedCounts, split_missing
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,7 @@ class _State:
     bad_vectors: list[int] = field(default_factory=list)
     missing_paths: list[str] = field(default_factory=list)
     changed_paths: list[str] = field(default_factory=list)
+    unreachable: int = 0  # known paths whose stat failed for another reason than "not there"
     temp_files: list[Path] = field(default_factory=list)
 
 
@@ -314,26 +317,31 @@ def _check_rows(library: Library, info: ModelInfo, state: _State,
                                 examples=[f"id {i}" for i in orphans[:_EXAMPLES]]))
     if bad:
         findings.append(Finding("malformed-vectors", f"{_n(len(bad), 'stored vector')} not made of {info.dim} "
-                                "float32 values; repair re-embeds them", count=len(bad),
+                                "float16 values; repair re-embeds them", count=len(bad),
                                 examples=[f"id {i}" for i in bad[:_EXAMPLES]]))
-    bad_set = set(state.bad_vectors) | set(state.orphan_vectors)
-    usable = np.asarray([i for i in embedding_ids if int(i) not in bad_set], np.int64) if bad_set else embedding_ids
-    return image_ids, usable
+    unusable = np.asarray(sorted(set(state.bad_vectors) | set(state.orphan_vectors)), np.int64)
+    return image_ids, np.setdiff1d(embedding_ids, unusable, assume_unique=True) if len(unusable) else embedding_ids
 
 
-def _check_files(library: Library, state: _State, findings: list[Finding]) -> None:
+def _check_files(library: Library, state: _State, findings: list[Finding], chunk: int = 1000) -> None:
+    """Every known path against the disk, streamed from the database ``chunk`` at a time: only
+    the paths found missing or changed are kept."""
     unreachable: list[str] = []
-    for path, size, mtime in library.store.file_stats():
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            state.missing_paths.append(path)
-            continue
-        except OSError as exc:
-            unreachable.append(f"{path}: {exc.strerror or exc}")
-            continue
-        if st.st_size != size or st.st_mtime != mtime:
-            state.changed_paths.append(path)
+    for files in library.store.iter_files(chunk):
+        for known in files:
+            path = known.path
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                state.missing_paths.append(path)
+                continue
+            except OSError as exc:
+                if len(unreachable) < _EXAMPLES:
+                    unreachable.append(f"{path}: {exc.strerror or exc}")
+                state.unreachable += 1
+                continue
+            if st.st_size != known.bytes or st.st_mtime != known.mtime:
+                state.changed_paths.append(path)
     if state.missing_paths:
         n = len(state.missing_paths)
         findings.append(Finding("files-missing", f"{_n(n, 'indexed file')} gone from disk; repair drops them "
@@ -343,8 +351,8 @@ def _check_files(library: Library, state: _State, findings: list[Finding]) -> No
         findings.append(Finding("files-changed", f"{_n(n, 'indexed file')} changed on disk since indexed; "
                                 "repair re-ingests them", count=n, examples=_examples(state.changed_paths)))
     if unreachable:
-        findings.append(Finding("files-unreachable", f"{_n(len(unreachable), 'indexed file')} that cannot be checked "
-                                "(left as they are)", severity=NOTE, repairable=False, count=len(unreachable),
+        findings.append(Finding("files-unreachable", f"{_n(state.unreachable, 'indexed file')} that cannot be checked "
+                                "(left as they are)", severity=NOTE, repairable=False, count=state.unreachable,
                                 examples=_examples(unreachable)))
 
 
@@ -414,8 +422,8 @@ def _differing_vectors(library: Library, index: VectorIndex, dim: int, ids: np.n
         got_ids, stored = library.store.get_embeddings(ids[start:start + chunk], dim)
         if not len(got_ids):
             continue
-        held = index.reconstruct(got_ids)
-        bad = np.abs(held - stored).max(axis=1) > 1e-5
+        held = index.reconstruct(got_ids)  # as embedded, or as stored (float16: within TOLERANCE)
+        bad = np.abs(held - stored).max(axis=1) > TOLERANCE
         differ.extend(int(i) for i in got_ids[bad])
     return differ
 
@@ -435,7 +443,7 @@ def _move_aside(path: Path, tag: str) -> Path:
 def _original_encoder(info: ModelInfo) -> Encoder | None:
     """The encoder the stored vectors were made with, rebuilt from the model the library
     remembers, or None when that is gone or no longer the same."""
-    if info.spec != "pretrained" and not os.path.exists(info.spec):
+    if not is_pretrained(info.spec) and not os.path.exists(info.spec):
         return None
     try:
         encoder = load_encoder(info.spec, "cpu")
@@ -475,7 +483,9 @@ def _repair(library: Library, state: _State, report: DoctorReport, config: Inges
             actions.append(f"deleted {_n(len(state.bad_vectors), 'malformed stored vector')} (re-embedded below)")
 
     # A folder whose indexed files are all gone at once is far likelier an unmounted drive than a deletion.
-    forget, kept = split_missing(state.missing_paths, (p for p, _, _ in store.file_stats())) \
+    # The database counts the files under each folder: a million paths are never loaded to compare.
+    forget, kept = split_missing(state.missing_paths,
+                                 IndexedCounts(store.count() + store.count_aliases(), store.count_under)) \
         if state.missing_paths else ([], {})
     if kept:
         actions.append(f"kept {_n(sum(kept.values()), 'missing file')} under {', '.join(sorted(kept)[:_EXAMPLES])}: "
@@ -498,8 +508,9 @@ def _repair(library: Library, state: _State, report: DoctorReport, config: Inges
         else:
             actions.append(f"could not re-embed {_n(len(without), 'image')}: the library's encoder is not available")
 
-    known = {p for p, _, _ in store.file_stats()}
-    reingest += [p for p in state.changed_paths if p in known and p not in reingest]
+    known = store.lookup_paths(state.changed_paths)  # still indexed after the repairs above
+    queued = set(reingest)
+    reingest += [p for p in state.changed_paths if p in known and p not in queued]
 
     _repair_index(library, state, actions, rebuilt=index_aside is not None, stale_ids=reembedded)
 

@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 class IngestConfig:
     """batch_size: images per forward pass and per commit; workers: decode processes (None = one per
     four cores, at least one); exclude: globs on names or paths; prune: forget indexed files under
-    the given roots that are gone from disk; save_every_s: how often the index file is rewritten
-    during a run (the database is committed every batch regardless)."""
+    the given roots that are gone from disk; save_every_s: the least time between two saves of
+    the index file during a run (longer for a large index, see ``engine.index_growth``; the
+    database is committed every batch regardless, and the stored vectors are the journal)."""
 
     batch_size: int = 32
     workers: int | None = None
@@ -271,7 +272,6 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
         done = total - len(todo)
         if progress:
             progress(done, total)
-        last_save = time.monotonic()
         if todo:
             dataset = ImageFileDataset(todo, build_transform(encoder.data_config), draft_size_for(encoder.data_config),
                                        with_facts=True)
@@ -280,10 +280,8 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
                 done += len(batch.items) + len(batch.failures)
                 if progress:
                     progress(done, total)
-                if time.monotonic() - last_save > config.save_every_s:
-                    with stages.timing("index"):
-                        library.save_index(index)
-                    last_save = time.monotonic()
+                with stages.timing("index"):  # a new rung when the library grew into one; a save when due
+                    library.update_index(index, synced=True, final=False, min_interval_s=config.save_every_s)
         if config.prune:
             with stages.timing("commit"):
                 gone_ids = prune_roots(library, roots_abs, found, report)
@@ -291,7 +289,7 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
                 with stages.timing("index"):
                     _remove_from_index(library, index, gone_ids)
         with stages.timing("index"):
-            library.save_index(index)
+            library.update_index(index, synced=True)
         report.report_path = os.fspath(library.paths.report)
         with stages.timing("commit"):
             _write_failures(library.paths.report, report.failed)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 PRESENT = "present"
 GONE = "gone"
@@ -29,27 +30,43 @@ def probe(path: str) -> tuple[str, os.stat_result | None]:
         return UNKNOWN, None
 
 
-def split_missing(missing: Iterable[str], indexed: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+@dataclass(frozen=True)
+class IndexedCounts:
+    """How many files are indexed in all (``total``) and inside a folder (``under(folder)``),
+    without holding their paths: a library of a million files answers from its database
+    (``MetadataStore.count_under``)."""
+
+    total: int
+    under: Callable[[str], int]
+
+    @classmethod
+    def of_paths(cls, paths: Iterable[str]) -> IndexedCounts:
+        """The counts of a list of paths (absolute), held sorted in memory."""
+        ordered = sorted(set(paths))
+        return cls(len(ordered), lambda folder: _count_under(ordered, folder))
+
+
+def split_missing(missing: Iterable[str], indexed: Iterable[str] | IndexedCounts) -> tuple[list[str], dict[str, int]]:
     """Split ``missing`` (indexed files found gone) into those safe to forget and those to keep.
 
     Each missing file is judged by its nearest folder that still exists: when every file indexed
-    under that folder (``indexed``: every known path, absolute) is missing too (``looks_unmounted``)
-    and the folder is now empty, it looks like an unmounted drive (an empty mount point) or a
-    renamed mount point, and its files are kept; so are all of them when every indexed file is
-    missing at once. A folder that still holds anything was changed on
+    under that folder (``indexed``: every known path, absolute, or their IndexedCounts) is missing
+    too (``looks_unmounted``) and the folder is now empty, it looks like an unmounted drive (an
+    empty mount point) or a renamed mount point, and its files are kept; so are all of them when
+    every indexed file is missing at once. A folder that still holds anything was changed on
     purpose: deleting the only photo of a folder, or all photos beside a sidecar file, is pruned.
     Returns (forgettable paths, {folder: files kept})."""
     missing = sorted(set(missing))
-    ordered = sorted(set(indexed) | set(missing))
+    counts = indexed if isinstance(indexed, IndexedCounts) else IndexedCounts.of_paths([*indexed, *missing])
     nearest: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for path in missing:
         groups.setdefault(_existing_folder(os.path.dirname(path), nearest), []).append(path)
     forget: list[str] = []
     kept: dict[str, int] = {}
-    everything = looks_unmounted(len(ordered), len(missing))
+    everything = looks_unmounted(counts.total, len(missing))
     for folder, paths in groups.items():
-        if everything or (looks_unmounted(_count_under(ordered, folder), _count_under(missing, folder))
+        if everything or (looks_unmounted(counts.under(folder), _count_under(missing, folder))
                           and _is_empty(folder)):
             kept[folder] = len(paths)
         else:

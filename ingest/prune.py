@@ -7,6 +7,9 @@ folder where every indexed file is missing at once (``ingest.presence.
 split_missing``, the rule ``engine doctor --repair`` applies too: an unmounted drive, or a renamed
 mount point, looks exactly like that). A file counts as gone only when the system says it does not
 exist. Each refusal is reported with the number of indexed paths it kept.
+
+The indexed paths under a root are streamed from the database in slices and counted there, never
+loaded whole: pruning a folder of a million photos holds only the ones found missing.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from ingest.presence import GONE, UNMOUNTED, probe, split_missing
+from ingest.presence import GONE, UNMOUNTED, IndexedCounts, probe, split_missing
 
 if TYPE_CHECKING:
     from engine.files import Discovery
-    from engine.index import VectorIndex
     from engine.library import Library
     from ingest.pipeline import IngestReport
 
@@ -34,33 +36,42 @@ def unwalked_roots(roots: Sequence[str], found: Discovery) -> dict[str, str]:
     return {root: failed[root] for root in roots if root in failed}
 
 
-def prune_roots(library: Library, roots: Sequence[str], found: Discovery, report: IngestReport) -> list[int]:
+def prune_roots(library: Library, roots: Sequence[str], found: Discovery, report: IngestReport, *,
+                chunk: int = 1000) -> list[int]:
     """Forget the indexed paths under ``roots`` (absolute) that are gone, within the rules above;
     counts them in ``report.removed`` and each refusal in ``report.prune_kept`` as (folder, reason,
-    indexed paths kept). Returns the ids whose vectors must leave the index."""
+    indexed paths kept). Indexed paths are read ``chunk`` at a time. Returns the ids whose vectors
+    must leave the index."""
     store = library.store
     present = set(found.files)
     unwalked = unwalked_roots(roots, found)
     unlisted = [path for path, _ in found.missing if path not in unwalked]  # subfolders that could not be listed
     forget: dict[str, None] = {}
     for root in dict.fromkeys(roots):
-        indexed = store.paths_under([root])
-        if not indexed:
+        total = store.count_under(root, itself=True)
+        if not total:
             continue
         if root in unwalked:
-            report.prune_kept.append((root, f"could not be walked ({unwalked[root]})", len(indexed)))
+            report.prune_kept.append((root, f"could not be walked ({unwalked[root]})", total))
             continue
         if not any(under(p, [root]) for p in present):
-            report.prune_kept.append((root, "holds no image file (an unmounted drive or an emptied folder?)",
-                                      len(indexed)))
+            report.prune_kept.append((root, "holds no image file (an unmounted drive or an emptied folder?)", total))
             continue
-        hidden = [p for p in indexed if under(p, unlisted)]
-        for folder in unlisted:
-            kept = sum(under(p, [folder]) for p in hidden)
-            if kept and under(folder, [root]):
-                report.prune_kept.append((folder, "could not be listed", kept))
-        missing = [p for p in indexed if p not in present and not under(p, unlisted) and probe(p)[0] == GONE]
-        gone, kept = split_missing(missing, indexed)
+        hidden = dict.fromkeys(unlisted, 0)  # indexed paths kept under each folder that could not be listed
+        missing: list[str] = []
+        for files in store.iter_files_under(root, chunk):
+            for known in files:
+                path = known.path
+                if path in present:
+                    continue
+                inside = [folder for folder in unlisted if under(path, [folder])]
+                for folder in inside:
+                    hidden[folder] += 1
+                if not inside and probe(path)[0] == GONE:
+                    missing.append(path)
+        report.prune_kept += [(folder, "could not be listed", n) for folder, n in hidden.items()
+                              if n and under(folder, [root])]
+        gone, kept = split_missing(missing, IndexedCounts(total, store.count_under))
         report.prune_kept += [(folder, UNMOUNTED, n) for folder, n in kept.items()]
         forget.update(dict.fromkeys(gone))
     if not forget:

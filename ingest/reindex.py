@@ -10,8 +10,10 @@ switch is refused unless ``allow_missing`` says to drop them. See ``engine.model
 order of the switch itself.
 
 A new index type is built and trained on the stored vectors (a seeded random sample trains it)
-before anything is stored: a type that cannot be built is refused with the reason, the old index
-and the stored type stand, and the stored type changes only after the new index file is saved.
+and tuned to the recall target before anything is stored: a type that cannot be built is refused
+with the reason, the old index and the stored type stand, and the stored type (``auto`` lets
+``engine.index_policy`` choose it, within ``memory_budget``), budget and recall target change only
+after the new index file is saved.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from engine.config import AUTO_INDEX
 from engine.errors import EngineError
 from engine.faults import fault_point
 from engine.index import VectorIndex
@@ -32,6 +35,7 @@ from engine.preprocess import build_transform, draft_size_for
 from ingest.pipeline import IngestConfig, _write_failures
 
 if TYPE_CHECKING:
+    from engine.config import IndexConfig
     from engine.encoder import Encoder
     from engine.library import Library, ModelInfo
     from engine.progress import ProgressFn
@@ -60,7 +64,8 @@ class ReindexReport:
     earlier, interrupted run had already staged; failed: (path, reason) per row whose files could
     not be read; dropped: of those, rows forgotten (``allow_missing``); vectors, index: what the
     saved index holds and its type; notes: plain sentences about choices made (an index type that
-    could not be used for the new vectors); report_path: the failure list, when there were failures."""
+    could not be used for the new vectors); search: the saved index's search settings and measured
+    recall (``engine.index.SearchSettings``); report_path: the failure list, when there were failures."""
 
     model: dict[str, Any] | None = None
     switched: bool = False
@@ -70,6 +75,7 @@ class ReindexReport:
     dropped: int = 0
     vectors: int = 0
     index: str = ""
+    search: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     report_path: str | None = None
@@ -79,16 +85,19 @@ class ReindexReport:
         return {"model": self.model, "switched": self.switched, "reembedded": self.reembedded,
                 "resumed": self.resumed, "failed": len(self.failed),
                 "failures": [{"path": p, "reason": r} for p, r in self.failed], "dropped": self.dropped,
-                "vectors": self.vectors, "index": self.index, "notes": list(self.notes),
+                "vectors": self.vectors, "index": self.index, "search": self.search, "notes": list(self.notes),
                 "seconds": round(self.seconds, 3), "report": self.report_path}
 
 
 def reindex_library(library: Library, *, model: str | None = None, factory: str | None = None,
                     allow_missing: bool = False, config: IngestConfig = IngestConfig(),
-                    progress: ProgressFn | None = None, on_wait: Callable[[], None] | None = None) -> ReindexReport:
+                    progress: ProgressFn | None = None, on_wait: Callable[[], None] | None = None,
+                    memory_budget: int | None = None, recall: float | None = None) -> ReindexReport:
     """``engine reindex``: rebuild the index from stored embeddings (no image decoded), as type
-    ``factory`` when given; with ``model`` (``pretrained`` or a checkpoint path), first re-embed
-    every indexed image with that encoder and switch the library to it.
+    ``factory`` when given (``auto``: chosen by ``engine.index_policy`` within ``memory_budget``
+    bytes), tuned to ``recall``; with ``model`` (``pretrained`` or a checkpoint path), first
+    re-embed every indexed image with that encoder and switch the library to it. Type, budget and
+    recall target not given keep the library's.
 
     progress(done, total) counts rows with a new vector (staged ones from an earlier run at once).
     Raises EngineError, with nothing of the live library changed, for a type that cannot be built
@@ -104,45 +113,53 @@ def reindex_library(library: Library, *, model: str | None = None, factory: str 
             raise EngineError(f"no library in {library.paths.home} to reindex; run `engine ingest PATH` first")
         if factory is not None:
             factory = factory.strip()
-            VectorIndex.build(info.dim, factory)  # a malformed type is refused before anything else
+            if factory != AUTO_INDEX:
+                VectorIndex.build(info.dim, factory)  # a malformed type is refused before anything else
+        options = library.index_config()
+        options = replace(options, factory=factory or options.factory,
+                          memory_budget=memory_budget if memory_budget is not None else options.memory_budget,
+                          recall=recall if recall is not None else options.recall)
         index: VectorIndex | None = None
         if model is not None:
-            index = _reembed(library, model, factory, allow_missing, config, progress, report)
+            index = _reembed(library, model, factory, allow_missing, config, progress, report, options)
         if index is None:
-            index = _build(library, factory, pending=False, report=report)
+            index = _build(library, factory, pending=False, report=report, options=options)
             fault_point("reindex-index-built")
         library.save_index(index)
         fault_point("reindex-index-saved")
-        if factory is not None and index.factory == factory:  # the stored type changes only now
-            library.store.set_meta("index_factory", factory)
+        if factory is not None and (index.factory == factory or factory == AUTO_INDEX):
+            library.set_index_options(factory=factory)  # the stored type changes only now
+        library.set_index_options(memory_budget=memory_budget, recall=recall)
         report.model = library.model_info().to_dict()
         report.vectors, report.index = index.ntotal, index.factory
+        report.search = index.settings.to_dict()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _build(library: Library, factory: str | None, *, pending: bool, report: ReindexReport) -> VectorIndex:
-    """The index of the stored (or, with ``pending``, staged) vectors: of type ``factory`` strictly
-    when given; else of the stored type, falling back to Flat (said in ``report.notes``) when that
-    type cannot be made of these vectors."""
+def _build(library: Library, factory: str | None, *, pending: bool, report: ReindexReport,
+           options: IndexConfig) -> VectorIndex:
+    """The index of the stored (or, with ``pending``, staged) vectors, built with ``options``
+    (budget, recall target): of type ``factory`` strictly when given; else of the stored type,
+    falling back to Flat (said in ``report.notes``) when that type cannot be made of these vectors."""
     if factory is not None:
-        index = library.build_index(factory, pending=pending)
-        if index.factory != factory:  # an untrained type and no vector to train it on
+        index = library.build_index(factory, pending=pending, config=options)
+        if index.factory != factory and factory != AUTO_INDEX:  # an untrained type and no vector to train it on
             raise EngineError(f"index type {factory!r} is trained on the stored vectors and the library has none yet; "
                               "ingest photos first")
         return index
-    stored = library.index_config().factory
+    stored = options.factory
     try:
-        return library.build_index(stored, pending=pending)
+        return library.build_index(stored, pending=pending, config=options)
     except EngineError as exc:
-        if stored == "Flat":
+        if stored in ("Flat", AUTO_INDEX):
             raise
         report.notes.append(f"{exc}; built a Flat index instead (`engine reindex --index-type` changes it)")
-        return library.build_index("Flat", pending=pending)
+        return library.build_index("Flat", pending=pending, config=options)
 
 
 def _reembed(library: Library, spec: str, factory: str | None, allow_missing: bool, config: IngestConfig,
-             progress: ProgressFn | None, report: ReindexReport) -> VectorIndex | None:
+             progress: ProgressFn | None, report: ReindexReport, options: IndexConfig) -> VectorIndex | None:
     """Stage vectors of ``spec``'s encoder for every row, then switch; returns the index built from
     them (None when the library already uses this encoder: only rows without a vector, if any,
     are embedded, and the caller rebuilds the index)."""
@@ -150,7 +167,7 @@ def _reembed(library: Library, spec: str, factory: str | None, allow_missing: bo
 
     store = library.store
     encoder = load_encoder(spec, resolve_device(library.device))
-    if factory is not None:
+    if factory is not None and factory != AUTO_INDEX:
         VectorIndex.build(encoder.dim, factory)  # refused before any image is decoded
     current = library.model_info()
     library.finish_encoder_switch()  # an earlier switch's encoder file first: staging overwrites encoder.pending.pt
@@ -170,7 +187,7 @@ def _reembed(library: Library, spec: str, factory: str | None, allow_missing: bo
     _report_failures(library, lost, report)
     if lost and not allow_missing:
         raise ReindexRefusedError(_refusal(lost, len(rows), current, info, report), report)
-    index = _build(library, factory, pending=True, report=report)  # before the switch: a refusal changes nothing
+    index = _build(library, factory, pending=True, report=report, options=options)  # before the switch: a refusal changes nothing
     library.switch_model(info, encoder, drop_ids=sorted(lost))
     report.switched, report.dropped = True, len(lost)
     return index

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -24,6 +25,20 @@ def private_config_home(tmp_path_factory) -> Path:
         os.environ.pop("XDG_CONFIG_HOME", None)
     else:
         os.environ["XDG_CONFIG_HOME"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plain_ranking() -> Iterator[None]:
+    """Queries rank by the encoder's own distances (``$ENGINE_EXPAND=0``, no query expansion), since
+    most tests check hits against a brute-force nearest-neighbour reference; tests/test_expansion.py
+    lifts it to test the default expansion. Subprocesses inherit it."""
+    previous = os.environ.get("ENGINE_EXPAND")
+    os.environ["ENGINE_EXPAND"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("ENGINE_EXPAND", None)
+    else:
+        os.environ["ENGINE_EXPAND"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +68,30 @@ def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
     env.update(ENGINE_OFFLINE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL server for the session (``tests/postgres.py``), or the reason none
+    could be started (a string); stopped at the end."""
+    from tests.postgres import start_server
+
+    server = start_server()
+    yield server
+    if not isinstance(server, str):
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """The URL of a new, empty library database: a SQLite file, then a database of its own on the
+    session's PostgreSQL server (skipped, with the reason, where no server can be started)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'library.db'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    if isinstance(server, str):
+        pytest.skip(server)
+    url = server.create_database()
+    yield url
+    server.drop_database(url)

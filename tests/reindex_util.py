@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from db.vectors import TOLERANCE
 from engine.embedding import embed_files
 from engine.encoder import load_checkpoint
 from engine.library import Library
@@ -58,8 +59,10 @@ def live_state(home: Path) -> dict[str, Any]:
 
 def assert_converged(home: Path, model: str, ids: list[int], *, factory: str = "Flat") -> None:
     """The reindex to ``model`` is complete: the same rows (``ids``), each stored vector equal to a
-    fresh embedding of its file by ``model``, the index holding exactly those ids, built in the
-    current epoch, nothing staged or left beside the encoder, and doctor without a finding."""
+    fresh embedding of its file by ``model``, the index (of type ``factory``; the library's
+    configured type is ``auto`` for Flat, which the engine picks at this size, else ``factory``)
+    holding exactly those ids, built in the current epoch, nothing staged or left beside the
+    encoder, and doctor without a finding."""
     lib = Library(home, device="cpu")
     try:
         store, info = lib.store, lib.model_info()
@@ -70,7 +73,7 @@ def assert_converged(home: Path, model: str, ids: list[int], *, factory: str = "
         fresh = embed_files(encoder, [r.path for r in records], workers=0)
         assert len(fresh.failures) == 0
         _, stored = store.get_embeddings(ids, info.dim)
-        np.testing.assert_allclose(stored, fresh.embeddings, atol=1e-5)
+        np.testing.assert_allclose(stored, fresh.embeddings, atol=TOLERANCE)  # stored as float16
         assert store.pending_record() is None and len(store.pending_ids()) == 0
         assert not lib.paths.encoder_pending.exists()
         assert load_checkpoint(lib.paths.encoder, "cpu").identity() == info.identity
@@ -78,7 +81,7 @@ def assert_converged(home: Path, model: str, ids: list[int], *, factory: str = "
         assert index.dim == info.dim and sorted(index.ids().tolist()) == ids
         state = json.loads(lib.paths.index_state.read_text())
         assert (state["epoch"], state["model"], state["factory"]) == (store.embeddings_epoch(), info.identity, factory)
-        assert lib.index_config().factory == factory
+        assert lib.index_config().factory == ("auto" if factory == "Flat" else factory)
         report = check_library(lib)
         assert report.ok and report.findings == [], report.lines()
     finally:

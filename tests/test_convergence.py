@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from db.vectors import TOLERANCE
 from engine.cli import main
 from engine.library import Library
 from ingest.pipeline import IngestConfig, ingest_paths
@@ -126,7 +127,7 @@ def _check(lib: Library, root: Path, before: dict[int, tuple[str, str, int, floa
     for image_id, vector in zip(got_ids.tolist(), stored):
         path, content = rows[image_id][:2]
         if path in disk:
-            np.testing.assert_allclose(vector, vectors.of(content, path), atol=1e-4)
+            np.testing.assert_allclose(vector, vectors.of(content, path), atol=TOLERANCE)  # stored as float16
 
 
 class _Tree:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
+from db.vectors import TOLERANCE
 from engine.cli import main
 from engine.embedding import embed_files
 from engine.index import VectorIndex
@@ -140,7 +141,7 @@ def test_ingest_killed_at_any_point_loses_and_duplicates_nothing(tmp_path, tiny_
     records = sorted(store.get_images(store.image_ids()).values(), key=lambda rec: rec.id)
     fresh = embed_files(lib.encoder(), [rec.path for rec in records], workers=0)
     _, stored = store.get_embeddings([rec.id for rec in records], lib.encoder().dim)
-    np.testing.assert_allclose(stored, fresh.embeddings, atol=1e-5)
+    np.testing.assert_allclose(stored, fresh.embeddings, atol=TOLERANCE)  # stored as float16
     report = check_library(lib)
     assert report.ok and report.findings == [], report.lines()
     lib.close()

@@ -24,6 +24,7 @@ import pytest
 from click.testing import CliRunner
 
 from db.salvage import salvage_database
+from db.vectors import decode_vectors
 from engine.cli import main
 from engine.index import IndexFileError, VectorIndex
 from engine.library import Library
@@ -50,7 +51,7 @@ def _brute_force(home: Path, query: Path) -> list[tuple[str, float]]:
     with sqlite3.connect(home / "library.db") as conn:
         rows = conn.execute("SELECT images.id, images.path, embeddings.vector FROM images "
                             "JOIN embeddings ON embeddings.image_id = images.id").fetchall()
-    vectors = np.stack([np.frombuffer(v, np.float32) for _, _, v in rows])
+    vectors = decode_vectors([bytes(v) for _, _, v in rows], len(rows[0][2]) // 2)  # float16 blobs
     paths = [_text(p) for _, p, _ in rows]
     scores = vectors @ vectors[paths.index(str(query))]
     return [(paths[i], float(scores[i])) for i in np.argsort(-scores, kind="stable")]
@@ -322,11 +323,12 @@ def test_damaged_database_keeps_the_rows_committed_in_its_wal(home, tmp_path, en
     assert all(name in wal.read_bytes() and name not in db.read_bytes() for name in new_names)  # only in the WAL
     # damage a page of the main file that the WAL does not supersede, until SQLite notices
     in_wal, pristine_db = _wal_pages(wal), db.read_bytes()
-    for page in range(2, len(pristine_db) // 4096 + 1):
+    size = int.from_bytes(pristine_db[16:18], "big")  # the page size, from the file's header
+    for page in range(2, len(pristine_db) // size + 1):
         if page in in_wal:
             continue
         data = bytearray(pristine_db)
-        data[(page - 1) * 4096:page * 4096] = np.random.default_rng(page).bytes(4096)
+        data[(page - 1) * size:page * size] = np.random.default_rng(page).bytes(size)
         db.write_bytes(bytes(data))
         if _quick_check(db):
             break

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
+from db.vectors import TOLERANCE
 from engine.cli import main
 from engine.embedding import embed_files
 from engine.library import Library
@@ -68,11 +69,11 @@ def test_changed_bytes_behind_same_size_and_mtime(tmp_path, tiny_model):
     assert repaired.ok, repaired.lines()
     assert any("re-read 2 file(s)" in a and "2 re-embedded" in a for a in repaired.actions), repaired.actions
     fresh = embed_files(lib.encoder(), [str(changed), str(alias)], batch_size=2, workers=0).embeddings
-    np.testing.assert_allclose(_vector_of(lib, changed), fresh[0], atol=1e-5)
+    np.testing.assert_allclose(_vector_of(lib, changed), fresh[0], atol=TOLERANCE)  # stored as float16
     assert np.abs(_vector_of(lib, changed) - old_vector).max() > 1e-3
     state = lib.store.lookup_paths([str(alias)])[str(alias)]
     assert not state.is_alias  # its bytes are no longer img_1's: a row of its own
-    np.testing.assert_allclose(_vector_of(lib, alias), fresh[1], atol=1e-5)
+    np.testing.assert_allclose(_vector_of(lib, alias), fresh[1], atol=TOLERANCE)  # stored as float16
     assert lib.store.count() == 5 and lib.store.count_aliases() == 0
     assert sorted(lib.open_index().ids().tolist()) == sorted(lib.store.image_ids().tolist())
     assert not check_library(lib, deep=True).findings

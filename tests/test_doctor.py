@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from db.vectors import TOLERANCE
 from engine.cli import main
 from engine.embedding import embed_files
 from engine.index import VectorIndex
@@ -115,8 +116,9 @@ def test_damaged_page_inside_the_database_is_found_and_rebuilt(library):
     lib.close()
     db = lib.paths.database
     data = bytearray(db.read_bytes())
-    page = 4096 * (len(data) // 4096 - 1)  # the last page: the header and schema still read fine
-    data[page:page + 4096] = np.random.default_rng(1).bytes(4096)
+    size = int.from_bytes(data[16:18], "big")  # the page size, from the file's header
+    page = size * (len(data) // size - 1)  # the last page: the header and schema still read fine
+    data[page:page + size] = np.random.default_rng(1).bytes(size)
     db.write_bytes(bytes(data))
     report = check_library(Library(lib.paths.home, device="cpu"))
     assert not report.ok and _codes(report.findings) == {"database-damaged"}
@@ -177,7 +179,7 @@ def test_every_inconsistency_is_found_and_repaired(library, tmp_path, tiny_model
     assert str(paths[3]) not in {r.path for r in records} and len(records) == 7
     fresh = embed_files(lib.encoder(), [r.path for r in records], workers=0)
     got_ids, stored = lib.store.get_embeddings([r.id for r in records], fresh.embeddings.shape[1])
-    np.testing.assert_allclose(stored, fresh.embeddings, atol=1e-5)
+    np.testing.assert_allclose(stored, fresh.embeddings, atol=TOLERANCE)  # stored as float16
 
 
 def test_index_with_wrong_vectors_is_rebuilt(library):

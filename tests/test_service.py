@@ -154,13 +154,18 @@ def test_search_by_upload_matches_in_process_query(client, library_home):
 
 
 def test_search_upload_of_a_new_photo_embeds_it(client, library_home, tmp_path):
+    from engine.query import search_library
+
     fresh = make_image(tmp_path / "fresh.png", 4242)
     body = client.post("/api/search?k=3&vector=true", files=upload(fresh)).json()
     assert len(body["hits"]) == 3 and body["hits"][0]["score"] < 0.99999
     vector = np.frombuffer(base64.b64decode(body["vector"]), "<f4")
     assert vector.shape == (96,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-4
-    scores = [h["score"] for h in body["hits"]]
-    assert scores == sorted(scores, reverse=True)
+    library = Library(library_home[0], device="cpu")
+    expected = search_library(library, [fresh], 3)[0].hits  # ranked as `engine query` ranks (expansion included)
+    library.close()
+    assert [h["id"] for h in body["hits"]] == [h.id for h in expected]
+    assert [h["score"] for h in body["hits"]] == pytest.approx([h.score for h in expected], abs=1e-5)
 
 
 def test_search_by_id_uses_the_stored_vector(client):

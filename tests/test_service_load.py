@@ -8,6 +8,7 @@ The default run keeps a short variant (an in-process ingest thread, a few second
 
 from __future__ import annotations
 
+import math
 import random
 import subprocess
 import threading
@@ -34,8 +35,9 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _check(body: dict, k: int) -> str | None:
-    """Why an answer is not whole, or None."""
+def _check(body: dict, k: int, ordered: bool) -> str | None:
+    """Why an answer is not whole, or None. ordered: the hits must come by falling score (a
+    library that expands queries ranks by the expanded query, and shows the plain one's scores)."""
     hits = body["hits"]
     ids = [h["id"] for h in hits]
     if len(hits) != min(k, body["images"]):
@@ -43,13 +45,15 @@ def _check(body: dict, k: int) -> str | None:
     if len(set(ids)) != len(ids) or [h["rank"] for h in hits] != list(range(1, len(hits) + 1)):
         return f"duplicate ids or ranks out of order: {ids}"
     scores = [h["score"] for h in hits]
-    if scores != sorted(scores, reverse=True):
+    if ordered and scores != sorted(scores, reverse=True):
         return "scores not in order"
+    if any(abs(h["distance"] - math.sqrt(max(0.0, 2 - 2 * h["score"]))) > 1e-4 for h in hits):
+        return "a distance that is not its score's"
     return None
 
 
 def _client_loop(client: ServiceClient, uploads: list[bytes], known_ids: list[int], stop: threading.Event,
-                 tally: Tally, seed: int) -> None:
+                 tally: Tally, seed: int, ordered: bool) -> None:
     rng = random.Random(seed)
     last_generation = -1
     while not stop.is_set():
@@ -63,7 +67,7 @@ def _client_loop(client: ServiceClient, uploads: list[bytes], known_ids: list[in
             with tally.lock:
                 tally.failures.append(f"{type(exc).__name__}: {exc}")
             continue
-        problem = f"status {status}: {body}" if status != 200 else _check(body, k)
+        problem = f"status {status}: {body}" if status != 200 else _check(body, k, ordered)
         if problem is None and body["generation"] < last_generation:
             problem = f"generation went back from {last_generation} to {body['generation']}"
         with tally.lock:
@@ -81,11 +85,17 @@ def run_load(server: ServiceProcess, photos: Path, ingest: threading.Thread | su
              min_seconds: float, max_seconds: float) -> Tally:
     """8 clients until the ingest has finished and ``min_seconds`` have passed (never past
     ``max_seconds``)."""
+    from engine.expansion import library_expansion
+    from engine.library import Library
+
     uploads = [p.read_bytes() for p in sorted(photos.glob("img_*.png"))[:6]]
     known_ids = list(range(1, N_PHOTOS + 2))
+    library = Library(server.home)
+    ordered = not library_expansion(library).enabled
+    library.close()
     tally, stop = Tally(), threading.Event()
     clients = [ServiceClient(server.address) for _ in range(CLIENTS)]
-    threads = [threading.Thread(target=_client_loop, args=(c, uploads, known_ids, stop, tally, i))
+    threads = [threading.Thread(target=_client_loop, args=(c, uploads, known_ids, stop, tally, i, ordered))
                for i, c in enumerate(clients)]
     started = time.monotonic()
     for t in threads:

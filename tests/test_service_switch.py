@@ -107,7 +107,8 @@ def test_stored_vector_searches_right_after_a_switch_use_a_matching_snapshot(tmp
         old = state.snapshot
         switch(home, other)
         assert state.snapshot is old  # no watcher: nothing reloaded yet
-        stale = state.query_vector(query.read_bytes(), snapshot=old)
+        stale, indexed_id = state.query_vector(query.read_bytes(), snapshot=old)
+        assert indexed_id is None  # embedded, not the stored vector
         assert abs(float(stale @ state.embed_uploads([("image", query.read_bytes())], old)[0]) - 1) < 1e-5
         r = client.get("/api/search", params={"id": image_id, "k": 5})
         assert r.status_code == 200, r.text

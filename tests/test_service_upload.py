@@ -4,7 +4,6 @@ reading), and the indexed-bytes lookup skipped when no indexed file has the uplo
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient

@@ -1,4 +1,7 @@
+"""The metadata store, on SQLite and on PostgreSQL (``store_url``)."""
+
 import numpy as np
+from sqlalchemy import create_engine, text
 
 from db import MetadataStore
 from db.store import SCHEMA_VERSION
@@ -9,8 +12,8 @@ def _row(i, h=None):
             "width": 4, "height": 3, "format": "JPEG"}
 
 
-def test_batch_write_returns_row_ids_and_vectors_round_trip(tmp_path):
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_batch_write_returns_row_ids_and_vectors_round_trip(store_url):
+    store = MetadataStore(store_url)
     vecs = np.arange(12, dtype=np.float32).reshape(3, 4)
     ids, gone = store.write_batch([_row(0), _row(1), _row(2)], vecs)
     assert gone == [] and len(ids) == 3
@@ -22,16 +25,16 @@ def test_batch_write_returns_row_ids_and_vectors_round_trip(tmp_path):
     assert store.generation() == 1
 
 
-def test_ids_never_reused_after_delete(tmp_path):
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_ids_never_reused_after_delete(store_url):
+    store = MetadataStore(store_url)
     ids, _ = store.write_batch([_row(0), _row(1)], np.zeros((2, 2), np.float32))
     assert store.remove_paths(["/p/1.jpg"]) == [ids[1]]
     new, _ = store.write_batch([_row(5)], np.zeros((1, 2), np.float32))
     assert new[0] > ids[1]
 
 
-def test_alias_inherits_row_when_canonical_path_removed(tmp_path):
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_alias_inherits_row_when_canonical_path_removed(store_url):
+    store = MetadataStore(store_url)
     ids, _ = store.write_batch([_row(0)], np.ones((1, 2), np.float32),
                                aliases=[{"path": "/p/copy.jpg", "bytes": 10, "mtime": 9.0, "new_row": 0}])
     assert store.lookup_paths(["/p/copy.jpg"])["/p/copy.jpg"].image_id == ids[0]
@@ -41,32 +44,31 @@ def test_alias_inherits_row_when_canonical_path_removed(tmp_path):
     assert store.count() == 0 and store.count_embeddings() == 0
 
 
-def test_non_utf8_path_round_trips(tmp_path):
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_non_utf8_path_round_trips(store_url):
+    store = MetadataStore(store_url)
     weird = "/p/caf\udce9.jpg"  # the byte 0xE9 alone, as os.fsdecode gives it
     ids = store.insert_rows([dict(_row(0), path=weird)])
     assert store.get_images(ids)[ids[0]].path == weird
     assert weird in store.lookup_paths([weird])
 
 
-def test_malformed_vectors_and_file_stats_for_doctor(tmp_path):
-    import contextlib
-    import sqlite3
-
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_malformed_vectors_and_file_stats_for_doctor(store_url):
+    store = MetadataStore(store_url)
     ids, _ = store.write_batch([_row(0), _row(1), _row(2)], np.zeros((3, 4), np.float32),
                                aliases=[{"path": "/p/copy.jpg", "bytes": 10, "mtime": 9.0, "new_row": 0}])
     assert store.malformed_embedding_ids(4) == []
     assert store.malformed_embedding_ids(3) == ids  # every vector is the wrong size for 3-d
-    with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as conn, conn:  # damage from outside
-        conn.execute("UPDATE embeddings SET vector = ? WHERE image_id = ?", (b"\0" * 12, ids[1]))
+    outside = create_engine(store_url)
+    with outside.begin() as conn:  # damage from outside
+        conn.execute(text("UPDATE embeddings SET vector = :v WHERE image_id = :i"), {"v": b"\0" * 12, "i": ids[1]})
+    outside.dispose()
     assert store.malformed_embedding_ids(4) == [ids[1]]
     assert sorted(store.file_stats()) == sorted([("/p/0.jpg", 10, 1.5), ("/p/1.jpg", 11, 2.5), ("/p/2.jpg", 12, 3.5),
                                                  ("/p/copy.jpg", 10, 9.0)])
 
 
-def test_on_commit_runs_at_every_write_transaction(tmp_path):
-    store = MetadataStore.for_file(tmp_path / "l.db")
+def test_on_commit_runs_at_every_write_transaction(store_url):
+    store = MetadataStore(store_url)
     seen: list[str] = []
     store.on_commit(lambda: seen.append("commit"))
     store.write_batch([_row(0)], np.zeros((1, 2), np.float32))
@@ -89,22 +91,24 @@ def test_library_honours_engine_database_url_without_the_cli(tmp_path, monkeypat
     explicit.close()
 
 
-def test_opening_a_new_database_while_another_process_creates_it(tmp_path, monkeypatch):
+def test_opening_a_new_database_while_another_process_creates_it(store_url, monkeypatch):
     """The race of two processes opening one new library: this one checked for the tables before
     the other created them, so its CREATE TABLE fails; it must open the database all the same."""
-    from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+    from sqlalchemy.sql.ddl import SchemaGenerator
 
-    winner = MetadataStore.for_file(tmp_path / "l.db")
+    winner = MetadataStore(store_url)
     winner.write_batch([_row(0)], np.zeros((1, 2), np.float32))
-    real_has_table = SQLiteDialect.has_table
+    real_check = SchemaGenerator._can_create_table
     lied: set[str] = set()
 
-    def stale_has_table(self, connection, table_name, schema=None, **kw):
-        if table_name not in lied:  # the answer from before the winner's CREATE TABLE
-            lied.add(table_name)
-            return False
-        return real_has_table(self, connection, table_name, schema=schema, **kw)
+    def stale_check(self, table):
+        if table.name not in lied:  # the answer from before the winner's CREATE TABLE
+            lied.add(table.name)
+            return True
+        return real_check(self, table)
 
-    monkeypatch.setattr(SQLiteDialect, "has_table", stale_has_table)
-    loser = MetadataStore.for_file(tmp_path / "l.db")
+    monkeypatch.setattr(SchemaGenerator, "_can_create_table", stale_check)
+    loser = MetadataStore(store_url)
     assert lied and loser.count() == 1 and loser.get_meta("schema_version") == SCHEMA_VERSION
+    winner.close()
+    loser.close()

@@ -15,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from db.store import SCHEMA_VERSION
 import engine.console as console
 from engine.cli import main
 from engine.console import Progress
@@ -224,7 +225,7 @@ def test_an_older_library_with_byte_paths_is_upgraded_when_opened(tmp_path, tiny
     assert again.exit_code == 0 and json.loads(again.stdout)["unchanged"] == 3
     with sqlite3.connect(db_file) as db:
         assert {t for (t,) in db.execute("SELECT typeof(path) FROM images")} == {"text"}
-        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
 # -- item 4: engine eval --library ---------------------------------------------------------------------

@@ -78,7 +78,8 @@ def test_options_reach_the_config(tmp_path, monkeypatch):
     expected = dataclasses.replace(TrainConfig(), device="cpu", pretrained=False, **values)
     assert config == expected
     # Every option was exercised: each one given is a field that differs from its default.
-    assert set(values) | {"pretrained"} == set(_config_params())
+    # The whitening options take the --whiten-only path instead (tests/test_whitening.py).
+    assert set(values) | {"pretrained", "whiten", "whiten_only", "whiten_shrinkage"} == set(_config_params())
 
 
 def test_resume_state_that_would_run_code_is_one_line(tmp_path):

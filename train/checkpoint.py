@@ -32,7 +32,7 @@ METRICS = "metrics.jsonl"
 # What last.pt must hold, beyond the engine checkpoint, for a run to resume from it.
 _STATE_KEYS = ("epoch", "train_config", "optimizer", "scheduler", "history", "best", "bad_epochs")
 # Fields a resumed run may change without changing what is being trained.
-RESUMABLE = frozenset({"epochs", "workers", "device", "patience", "plots"})
+RESUMABLE = frozenset({"epochs", "workers", "device", "patience", "plots", "time_budget_min", "threads"})
 
 
 def save_run_checkpoint(encoder: Encoder, path: Path, epoch: int, threshold: float | None, config: TrainConfig,

@@ -41,7 +41,8 @@ def with_head(base: Encoder, head_dim: int, device: torch.device | str) -> Encod
     features are known."""
     from engine.encoder import Encoder, init_identity_head
 
-    encoder = Encoder(replace(base.config, head_dim=head_dim), base.backbone, base.data_config)
+    # A whitening layer was fitted on the old head's output: training changes that, so it goes.
+    encoder = Encoder(replace(base.config, head_dim=head_dim, whiten_dim=None), base.backbone, base.data_config)
     init_identity_head(encoder)
     encoder.metadata = dict(base.metadata)
     return encoder.to(device).to(memory_format=torch.channels_last)

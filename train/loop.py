@@ -9,6 +9,8 @@ loss.png, distances.png, pairs.png.
 Two ways to run an epoch. Images: decode + timm training augmentation, forward and backward through
 the trainable part. Cached (``train.cache``): when the first stages of the backbone stay frozen for
 the whole run, their output is computed once per image and only the trainable tail runs per step.
+In memory (``augment="affine"``, ``train.tensor_data``): every image decoded once, warped afresh per
+step, optionally with quarter turns as extra classes (a small net trained from scratch).
 
 The parts live beside this file: ``train.config`` (TrainConfig, presets), ``train.data`` (data sets,
 samplers, decoding), ``train.backbone`` (stages, freezing, the tail), ``train.head`` (the projection
@@ -39,9 +41,10 @@ from train.data import (ClassBatches, ClassData, PairBatches, PairBatchSampler, 
                         batch_pairs, collate_slots, load_data, split_classes, split_pairs)
 from train.head import head_needs_features, init_head, pooled_features, with_head
 from train.losses import MetricLoss, build_loss
-from train.optimizer import Optimizer, build_optimizer
+from train.optimizer import Optimizer, build_optimizer, reschedule
 from train.precision import autocast
 from train.seeding import seed_all
+from train.tensor_data import TensorImages, held_validation, rotation_labels
 from train.validation import Validation, embed_validation, saved_embeddings, score, validation_set, write_figures
 
 if TYPE_CHECKING:
@@ -49,6 +52,8 @@ if TYPE_CHECKING:
     from engine.progress import ProgressFn
 
 log = logging.getLogger(__name__)
+
+BUDGET_RESERVE = 1  # epochs of the time budget kept in hand when planning (see _Run.fit_budget)
 
 EpochFn = Callable[[dict], None]
 """``on_epoch(record)``: called with each epoch's record (epoch 0 included) once it is in metrics.jsonl."""
@@ -114,18 +119,24 @@ def train(data: str | Path | ClassData | PairData, out_dir: str | Path, config: 
     workers = default_workers() if config.workers is None else config.workers
     seed_all(config.seed, 0)
 
-    plan, config = _plan(data, config)
-    model = _model(plan, config, device, out_dir / LAST if state is not None else None, progress)
-    optimizer = build_optimizer(model.encoder, model.trainable, config, plan.steps, model.freeze_for)
-    run = _Run(config, out_dir, plan, model, optimizer, device, workers, progress, on_epoch)
-    if state is not None:
-        run.restore(state)
-    else:
-        run.epoch_zero()
-    stopped_early = run.epochs()
-    if config.plots:
-        run.figures()
-    return run.result(stopped_early, time.perf_counter() - started)
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
+    try:
+        plan, config = _plan(data, config)
+        model = _model(plan, config, device, out_dir / LAST if state is not None else None, progress)
+        optimizer = build_optimizer(model.encoder, model.trainable, config, plan.steps, model.freeze_for)
+        run = _Run(config, out_dir, plan, model, optimizer, device, workers, progress, on_epoch, started)
+        if state is not None:
+            run.restore(state)
+        else:
+            run.epoch_zero()
+        stopped_early = run.epochs()
+        if config.plots:
+            run.figures()
+        return run.result(stopped_early, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -151,9 +162,12 @@ def _plan(data: str | Path | ClassData | PairData, config: TrainConfig) -> tuple
     pair_mode = isinstance(train_set, PairData)
     if config.loss is None:  # the default follows the data: a pair list brings pairs, classes allow triplets
         config = replace(config, loss="contrastive" if pair_mode else "triplet")
-    if pair_mode and config.loss == "triplet":
-        raise DataError("triplet loss needs class labels: train a pair list with --loss contrastive or "
+    if pair_mode and config.loss in ("triplet", "prototypical"):
+        raise DataError(f"{config.loss} loss needs class labels: train a pair list with --loss contrastive or "
                         "multi-similarity, or give a folder-per-class tree")
+    rotations = int(config.class_rotations or 1)
+    if pair_mode and rotations > 1:
+        raise DataError("class rotations need class labels: give a folder-per-class tree")
     if pair_mode and config.miner not in (None, "all"):
         raise DataError(f"--miner {config.miner} needs class labels; a pair list trains on its own pairs")
     loss_fn = build_loss(config.loss, "all" if pair_mode else config.miner, config.margin)
@@ -164,8 +178,10 @@ def _plan(data: str | Path | ClassData | PairData, config: TrainConfig) -> tuple
         batches = PairBatches(train_set, PairBatchSampler(len(train_set), p, config.seed, config.steps_per_epoch))
         paths = train_set.images
     else:
-        batches = ClassBatches(train_set.labels, PKSampler(train_set.labels, p, k, config.seed,
-                                                           config.steps_per_epoch))
+        # With quarter-turn classes the items are (image, turn) pairs: see train.tensor_data.
+        labels = rotation_labels(train_set.labels, train_set.num_classes, rotations)
+        batches = ClassBatches(labels, PKSampler(labels, min(p, train_set.num_classes * rotations), k, config.seed,
+                                                 config.steps_per_epoch))
         paths = train_set.paths
     return _Plan(pair_mode, loss_fn, batches, paths, len(batches), validation_set(val_set, config, (p, k))), config
 
@@ -227,13 +243,15 @@ def _image_steps(batches: ClassBatches | PairBatches, paths: list[str], encoder:
 
 @dataclass
 class _Model:
-    """The encoder being trained, its learning backbone modules, the feature cache (None: steps decode
-    images) and how many epochs the backbone waits frozen."""
+    """The encoder being trained, its learning backbone modules, the feature cache or the images held
+    in memory (both None: steps decode images) and how many epochs the backbone waits frozen."""
 
     encoder: Encoder
     trainable: list[nn.Module]
     cache: FeatureCache | None
     freeze_for: int
+    tensors: TensorImages | None = None
+    held_val: torch.Tensor | None = None  # validation images decoded once, float16 [N, 3, H, W] (in memory)
 
 
 def _model(plan: _Plan, config: TrainConfig, device: torch.device, saved: Path | None,
@@ -246,12 +264,16 @@ def _model(plan: _Plan, config: TrainConfig, device: torch.device, saved: Path |
         encoder = load_checkpoint(saved, device)
     else:
         base = build_encoder(EncoderConfig(backbone=config.backbone, image_size=config.image_size,
-                                           pretrained=config.pretrained, weights=config.weights), device)
+                                           pretrained=bool(config.pretrained), weights=config.weights), device)
         encoder = with_head(base, int(config.dim or base.feature_dim), device)
     parts = backbone_parts(encoder.backbone)
     trainable = trainable_backbone(encoder, parts, config.train_stages)
     frozen_throughout = not trainable or config.freeze_epochs >= config.epochs
     use_cache = config.cache_features if config.cache_features is not None else frozen_throughout
+    in_memory = config.augment == "affine"
+    if use_cache and in_memory:
+        raise DataError("augment='affine' warps images in memory; it cannot train on cached features (turn "
+                        "cache_features off)")
     cache: FeatureCache | None = None
     if use_cache:
         if frozen_throughout:
@@ -267,7 +289,14 @@ def _model(plan: _Plan, config: TrainConfig, device: torch.device, saved: Path |
             features = (cache.pooled_train() if cache is not None
                         else pooled_features(encoder, plan.train_paths, config.seed, config.workers))
         init_head(encoder, features, config.seed)
-    return _Model(encoder, trainable, cache, 0 if cache is not None else int(config.freeze_epochs))
+    tensors, held_val = None, None
+    if in_memory:
+        workers = max(1, int(config.workers or 2))
+        tensors = TensorImages.load(plan.train_paths, encoder.data_config, rotations=int(config.class_rotations or 1),
+                                    seed=config.seed, workers=workers, progress=progress)
+        held_val = held_validation(plan.vs.paths, encoder.data_config, workers)
+    return _Model(encoder, trainable, cache, 0 if cache is not None else int(config.freeze_epochs), tensors,
+                  held_val)
 
 
 # ------------------------------------------------------------------------------------------- epochs
@@ -278,8 +307,12 @@ class _Run:
     how many epochs went by without beating it."""
 
     def __init__(self, config: TrainConfig, out_dir: Path, plan: _Plan, model: _Model, optimizer: Optimizer,
-                 device: torch.device, workers: int, progress: ProgressFn | None, on_epoch: EpochFn | None):
+                 device: torch.device, workers: int, progress: ProgressFn | None, on_epoch: EpochFn | None,
+                 started: float | None = None):
         self.config, self.out_dir, self.plan, self.model, self.opt = config, out_dir, plan, model, optimizer
+        self.started = time.perf_counter() if started is None else started
+        self.max_epochs = int(config.epochs)  # a time budget plans at most this many
+        self.epoch_times: list[float] = []
         self.device, self.workers, self.progress, self.on_epoch = device, workers, progress, on_epoch
         self.history: list[dict] = []
         self.best: dict = {}
@@ -288,7 +321,7 @@ class _Run:
         self.best_emb: np.ndarray | None = None  # validation embeddings of the best epoch, for the figures
 
     def validate(self) -> tuple[dict, np.ndarray]:
-        emb = embed_validation(self.model.encoder, self.plan.vs, self.model.cache, self.workers)
+        emb = embed_validation(self.model.encoder, self.plan.vs, self.model.cache, self.workers, self.model.held_val)
         return score(emb, self.plan.vs, self.plan.loss_fn), emb
 
     def epoch_zero(self) -> None:
@@ -315,14 +348,41 @@ class _Run:
         write_metrics(self.out_dir, self.history)
 
     def epochs(self) -> bool:
-        """Train the remaining epochs; True when patience ran out first."""
-        for epoch in range(self.start_epoch, self.config.epochs + 1):
+        """Train the remaining epochs; True when patience or the time budget ran out first."""
+        epoch = self.start_epoch
+        while epoch <= self.config.epochs:
             if self.config.patience and self.bad_epochs >= self.config.patience:
                 return True
             t0 = time.perf_counter()
             stats = self.train_epoch(epoch)
             self.end_epoch(epoch, stats, t0)
+            if self.config.time_budget_min and not self.fit_budget(epoch, time.perf_counter() - t0):
+                return True
+            epoch += 1
         return False
+
+    def fit_budget(self, epoch: int, epoch_s: float) -> bool:
+        """Keep the run inside ``time_budget_min``, given the last epoch took ``epoch_s`` seconds.
+        After every epoch the epoch count is planned anew (at most the configured count) from the
+        median epoch time so far, keeping BUDGET_RESERVE epochs of the budget in hand, and the
+        learning-rate schedule is stretched over it, so it still decays to zero however fast the
+        machine turns out to be; a median shrugs off one epoch slowed by another job. False when the
+        next epoch would overrun: the run stops, keeping the best epoch so far."""
+        budget = float(self.config.time_budget_min) * 60.0
+        elapsed = time.perf_counter() - self.started
+        self.epoch_times.append(epoch_s)
+        typical = max(float(np.median(self.epoch_times)), 1e-9)
+        planned = min(self.max_epochs, max(epoch, epoch + int((budget - elapsed) // typical) - BUDGET_RESERVE))
+        if planned != self.config.epochs:
+            log.info("time budget %.0f min: planning %d epochs (an epoch takes %.0f s), not %d", budget / 60,
+                     planned, typical, self.config.epochs)
+            self.config = replace(self.config, epochs=planned)
+            reschedule(self.opt, self.config, self.plan.steps, self.model.freeze_for)
+        if epoch < self.config.epochs and elapsed + typical > budget:
+            log.warning("time budget %.0f min: stopping after epoch %d of %d", budget / 60, epoch,
+                        self.config.epochs)
+            return False
+        return True
 
     def train_epoch(self, epoch: int) -> dict:
         """One pass of steps; returns the training part of the epoch's record."""
@@ -335,8 +395,12 @@ class _Run:
             self.progress(0, plan.steps)
         t0 = time.perf_counter()
         losses, actives, images, failures = [], [], 0, []
-        steps = (model.cache.batches(plan.batches, epoch, plan.pair_mode) if model.cache is not None
-                 else _image_steps(plan.batches, plan.train_paths, model.encoder, config, self.workers, epoch))
+        if model.cache is not None:
+            steps = model.cache.batches(plan.batches, epoch, plan.pair_mode)
+        elif model.tensors is not None:
+            steps = model.tensors.batches(plan.batches, epoch, plan.pair_mode)
+        else:
+            steps = _image_steps(plan.batches, plan.train_paths, model.encoder, config, self.workers, epoch)
         for step, (x, labels, pairs, failed) in enumerate(steps, start=1):
             failures.extend(failed)
             if x is not None and len(x) >= 2 and (pairs is None or len(pairs[0]) > 0):

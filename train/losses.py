@@ -7,6 +7,10 @@ tuples so that a collapse to zero loss shows in the log.
 - ``triplet``: ``relu(d_ap - d_an + margin)`` averaged over the triplets with non-zero loss
   (pml ``TripletMarginLoss``).
 - ``multi-similarity``: pml ``MultiSimilarityLoss`` (alpha 2, beta 50, base 0.5 on cosine similarity).
+- ``prototypical`` (Snell et al. 2017, on cosine similarity): in a class-labelled batch the first half
+  of each class's images (at least one) make its prototype (their normalised mean), the rest are
+  queries, each classified by softmax over ``PROTO_SCALE`` x its cosine to every prototype of the batch;
+  the loss is the mean cross-entropy. Episodic training for few-shot retrieval; no miner, no margin.
 
 Miners (class-labelled batches only): ``all`` (every pair or triplet in the batch), ``batch-hard``
 (per anchor the farthest positive and the nearest negative, pml ``BatchHardMiner``), ``semi-hard``
@@ -19,13 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import DataError
 from train.config import LOSSES, MINERS
 
-DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2, "multi-similarity": 0.1}
+DEFAULT_MARGIN = {"contrastive": 1.0, "triplet": 0.2, "multi-similarity": 0.1, "prototypical": 0.0}
 MS_ALPHA, MS_BETA, MS_BASE = 2.0, 50.0, 0.5
+# Softmax temperature of the prototypical loss: cosines lie in [-1, 1], too flat for a softmax over
+# dozens of prototypes; 16 is within the usual range of cosine-softmax losses (normalised softmax, CosFace).
+PROTO_SCALE = 16.0
 
 
 @dataclass
@@ -58,6 +66,12 @@ class MetricLoss(nn.Module):
             raise DataError(f"unknown miner {miner!r} (use {', '.join(MINERS)})")
         self.name = loss
         self.miner_name = miner
+        if loss == "prototypical":
+            if miner != "all":
+                raise DataError("the prototypical loss takes no miner (every query meets every prototype)")
+            self.margin = DEFAULT_MARGIN[loss]
+            self.miner = None
+            return
         self.margin = float(DEFAULT_MARGIN[loss] if margin is None else margin)
         lp = distances.LpDistance(normalize_embeddings=True, p=2, power=1)
         if loss == "contrastive":
@@ -83,6 +97,8 @@ class MetricLoss(nn.Module):
         if labels is None:
             raise ValueError("labels or pairs are needed")
         labels = labels.to(embeddings.device)
+        if self.name == "prototypical":
+            return prototypical_loss(embeddings, labels)
         indices = self.miner(embeddings, labels) if self.miner is not None else None
         loss = self.loss_fn(embeddings, labels, indices)
         active, total = active_share(self.name, embeddings.detach(), labels, self.margin)
@@ -94,8 +110,8 @@ class MetricLoss(nn.Module):
 
     def _pairs(self, embeddings: torch.Tensor, pairs) -> LossOutput:
         i, j, same = (torch.as_tensor(t, device=embeddings.device) for t in pairs)
-        if self.name == "triplet":
-            raise DataError("triplet loss needs class labels; train a pair list with --loss contrastive or "
+        if self.name in ("triplet", "prototypical"):
+            raise DataError(f"{self.name} loss needs class labels; train a pair list with --loss contrastive or "
                             "multi-similarity, or use a folder-per-class tree")
         same = same.bool()
         indices = (i[same], j[same], i[~same], j[~same])
@@ -108,6 +124,30 @@ class MetricLoss(nn.Module):
                 on = _ms_pair_active(embeddings, i, j, same)
         total = int(len(i))
         return LossOutput(loss, float(on.float().mean()) if total else 0.0, total, total)
+
+
+def prototypical_loss(embeddings: torch.Tensor, labels: torch.Tensor, scale: float = PROTO_SCALE) -> LossOutput:
+    """Prototypical loss of a class-labelled batch (see the module docstring): embeddings float32
+    [B, D] unit-norm, labels int64 [B]. active: the share of queries whose nearest prototype is of
+    another class; mined = total = the number of queries. A batch without a class of two images has
+    no query: zero loss, not differentiable (the optimizer skips it)."""
+    support: list[torch.Tensor] = []
+    queries: list[torch.Tensor] = []
+    targets: list[int] = []
+    for k, c in enumerate(torch.unique(labels)):
+        members = torch.nonzero(labels == c).flatten()
+        n_support = max(1, len(members) // 2)
+        support.append(F.normalize(embeddings[members[:n_support]].mean(0), dim=0))
+        queries.append(members[n_support:])
+        targets += [k] * (len(members) - n_support)
+    query = torch.cat(queries)
+    if len(query) == 0:
+        return LossOutput(torch.zeros((), device=embeddings.device), 0.0, 0, 0)
+    logits = scale * embeddings[query] @ torch.stack(support).T
+    target = torch.as_tensor(targets, device=embeddings.device)
+    loss = F.cross_entropy(logits, target)
+    wrong = float((logits.detach().argmax(1) != target).float().mean())
+    return LossOutput(loss, wrong, len(query), len(query))
 
 
 def _ms_pair_active(embeddings, i, j, same) -> torch.Tensor:

@@ -117,3 +117,12 @@ def build_optimizer(encoder: Encoder, trainable: list[nn.Module], config: TrainC
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(encoder.device, config.amp))
     return Optimizer(optimizer, scheduler, scaler, [p for g in groups for p in g["params"]])
+
+
+def reschedule(opt: Optimizer, config: TrainConfig, steps_per_epoch: int, freeze_epochs: int) -> None:
+    """Point ``opt``'s schedule at ``config.epochs`` (changed mid-run by a time budget), in place: the
+    same warm-up and cosine shape over the new length, continuing from the current step. The groups
+    are in ``param_groups`` order, so their names say which schedule each follows."""
+    opt.scheduler.lr_lambdas = [schedule(config.epochs, config.warmup_epochs,
+                                         freeze_epochs if g["name"] == "backbone" else 0, steps_per_epoch)
+                                for g in opt.optimizer.param_groups]

@@ -96,11 +96,15 @@ def embed_paths(encoder: Encoder, paths: list[str], workers: int) -> np.ndarray:
     return result.embeddings
 
 
-def embed_validation(encoder: Encoder, vs: Validation, cache: FeatureCache | None, workers: int) -> np.ndarray:
-    """Validation embeddings float32 [N, D] in eval mode: through the cached tail, or from the files."""
+def embed_validation(encoder: Encoder, vs: Validation, cache: FeatureCache | None, workers: int,
+                     held: torch.Tensor | None = None) -> np.ndarray:
+    """Validation embeddings float32 [N, D] in eval mode: through the cached tail, from ``held`` (the
+    validation images already decoded by the eval transform, float [N, 3, H, W]), or from the files."""
     if cache is not None:
         return cache.embed_val()
     encoder.eval()  # a learning stage left in train mode would validate with batch statistics
+    if held is not None:
+        return np.concatenate([encoder.embed(held[s:s + 256].float()) for s in range(0, len(held), 256)])
     return embed_paths(encoder, vs.paths, workers)
 
 

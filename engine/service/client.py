@@ -1,5 +1,6 @@
 """The client ``engine query`` and ``engine compare`` use to reach a running ``engine serve``:
-standard library only (http.client), so the CLI starts as fast as before.
+the standard library and httptools' C parser only (``engine.service.transport``), so the CLI
+starts as fast as before.
 
 ``connect`` finds the service through the ``service.json`` record in the library home and checks
 it with one quick health request; any doubt (no record, a dead process, another database, a token
@@ -10,7 +11,6 @@ same either way.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import secrets
@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Sequence
 
 from engine.service.address import ServiceAddress, database_fingerprint, read_address
+from engine.service.transport import Connection, TransportError
 
 if TYPE_CHECKING:
     from engine.filters import HitFilter
@@ -69,12 +70,12 @@ def _multipart(files: Sequence[tuple[str, bytes]]) -> tuple[bytes, str]:
 
 
 class ServiceClient:
-    """Requests to one running service over one kept-alive connection."""
+    """Requests to one running service over one kept-alive connection (``transport.Connection``)."""
 
     def __init__(self, address: ServiceAddress, token: str | None = None):
         self.address = address
         self.token = token
-        self._conn: http.client.HTTPConnection | None = None
+        self._conn: Connection | None = None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -89,24 +90,20 @@ class ServiceClient:
             headers["Authorization"] = f"Bearer {self.token}"
         if content_type:
             headers["Content-Type"] = content_type
+        if self._conn is None:
+            host = self.address.url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+            self._conn = Connection(host, self.address.port)
         for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: reconnect once
-            if self._conn is None:
-                host = self.address.url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
-                self._conn = http.client.HTTPConnection(host, self.address.port, timeout=timeout)
-            self._conn.timeout = timeout
             try:
-                self._conn.request(method, path, body=body, headers=headers)
-                response = self._conn.getresponse()
-                raw = response.read()
+                status, raw = self._conn.request(method, path, headers, body, timeout)
                 break
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
+            except TransportError as exc:
                 if attempt:
                     raise NoService(str(exc)) from None
         try:
-            return response.status, json.loads(raw or b"{}")
+            return status, json.loads(raw or b"{}")
         except ValueError:
-            raise NoService(f"{path} answered {response.status} without JSON") from None
+            raise NoService(f"{path} answered {status} without JSON") from None
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -182,8 +179,12 @@ def _query_result(client: ServiceClient, path: str, data: bytes, k: int,
 
     if not data:  # a file is read as a path in-process, where Pillow names an empty one so
         return QueryResult(path, error="not an image Pillow can identify")
-    if exclude_self:  # both names of the query's file, as search_library looks it up; the service never resolves it
-        extra = dict(extra or {}, exclude_path=sorted({path, os.path.realpath(path)}))
+    # Both names of the query's file, as search_library looks it up (the service never resolves
+    # them): its own file never expands the query, and with exclude_self it is no hit either.
+    names = sorted({path, os.path.realpath(path)})
+    extra = dict(extra or {}, own_path=names)
+    if exclude_self:
+        extra["exclude_path"] = names
     status, body = client.search(data, k, threshold, extra)
     if status == 200:
         return QueryResult(path, _hits(body["hits"]))

@@ -104,6 +104,9 @@ class UploadSearchQuery(BaseModel):
     under: Optional[list[str]] = Field(None, description="only files in this folder (repeatable)")
     exclude_path: Optional[list[str]] = Field(None, max_length=8, description="leave out the image indexed at this "
                                               "path (the query's own file; repeatable: the path and its real path)")
+    own_path: Optional[list[str]] = Field(None, max_length=8, description="the query's own file as the library "
+                                          "indexed it (repeatable: the path and its real path), which never expands "
+                                          "the query; default: the indexed image with the upload's bytes")
 
 
 _LISTS = frozenset(name for name, f in UploadSearchQuery.model_fields.items() if "list" in str(f.annotation))

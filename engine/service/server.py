@@ -70,8 +70,12 @@ def run_server(library: Library, config: ServiceConfig, *,
                     on_ready(address)
 
     app = create_app(library, config, state=state)
+    # loop="auto" takes uvloop (a dependency where it installs): its C event loop saves about a
+    # tenth of a millisecond of the event loop's time per search. No proxy headers: nothing here
+    # reads the client's address, and none is trusted to rewrite it.
     server = Server(uvicorn.Config(app, log_level=os.environ.get("ENGINE_LOG", "warning").lower(),
-                                   access_log=False, lifespan="on", timeout_graceful_shutdown=5))
+                                   access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                                   loop="auto", proxy_headers=False))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM and then raises the signal again; both end up
     # here as KeyboardInterrupt, the normal way for a server to stop.
     main_thread = threading.current_thread() is threading.main_thread()

@@ -11,10 +11,17 @@ half-way between two states, nor vectors of one model compared with those of ano
 read from the database at request time (search by id, refine, an upload of indexed bytes) are
 checked against the snapshot's embeddings epoch.
 
+Ranking: every search goes through ``engine.expansion.rank_expanded`` with the library's query
+expansion setting, as ``engine query`` does (and so through ``engine.filters.rank_hits`` and its
+exact re-ranking): the service ranks exactly as the in-process search. The setting is read when the
+service opens and again on every watcher tick, so a change is picked up within about a second.
+
 Threads: decoding and the encoder run on ``infer``, a pool of ``ServiceConfig.inference_workers()``
 threads with ``torch_threads()`` torch threads each (together no more than the cores); the index,
 the database and reloads run on the caller's thread (the app's thread pool); a new encoder is
-built on an inference thread.
+built on an inference thread. Every thread that embeds or searches first gets that many OpenMP
+threads too (``pin_threads``): OpenMP's thread count is per thread, so a request thread would
+otherwise search with a team as wide as the machine.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ if TYPE_CHECKING:
 
     from db.store import ImageRecord
     from engine.encoder import Encoder
+    from engine.expansion import Expansion
     from engine.filters import HitFilter
     from engine.index import VectorIndex
     from engine.library import Library
@@ -52,6 +60,37 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 INFER_PREFIX = "engine-infer"
 RELOAD_TRIES = 3
+
+
+def pin_threads(count: int) -> None:
+    """Give the calling thread ``count`` intra-op threads for torch and for FAISS.
+
+    OpenMP keeps its thread count per thread: ``torch.set_num_threads`` in ``SearchState.open``
+    sets it for the calling thread, and torch sets it again in another thread only once that
+    thread runs a parallel torch operation; until then (and for ever in a request thread that
+    only searches) FAISS got a team of one thread per core. Its spinning members fought the
+    inference workers and the event loop for the cores (measured on 2 busy cores: the 80-image
+    search 0.16 ms on a pinned thread, 25 ms unpinned). Checking costs about a microsecond."""
+    import faiss
+
+    if faiss.omp_get_max_threads() == count:
+        return
+    import torch
+
+    torch.set_num_threads(count)
+    faiss.omp_set_num_threads(count)
+
+
+def limit_blas_threads(count: int) -> Any:
+    """Limit every BLAS library loaded (numpy's OpenBLAS, FAISS's) to ``count`` threads, process
+    wide, with threadpoolctl; returns its controller (``restore_original_limits()`` undoes it).
+
+    By default each uses one thread per core, and on a busy machine a small product spends its
+    time spinning for the second thread: the 80 x 1280 shortlist products of query expansion took
+    100 ms with two threads and 0.09 ms with one on the 2-core development machine (load 10)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=count, user_api="blas")
 
 
 class StaleSnapshot(Unavailable):
@@ -146,8 +185,10 @@ class SearchState:
         self.thumbnails = ThumbnailCache(library.paths.home / "thumbnails")
         self.infer: ThreadPoolExecutor | None = None
         self._snapshot: Snapshot | None = None
+        self._expansion: Expansion | None = None
         self._reload_lock = threading.Lock()
         self._torch_threads: int | None = None
+        self._blas_limits: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> None:
@@ -159,9 +200,11 @@ class SearchState:
             raise IndexMissingError(f"no library in {self.library.paths.home} yet; run `engine ingest PATH` first")
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(self.config.torch_threads())
+        self._blas_limits = limit_blas_threads(self.config.torch_threads())
         self.infer = ThreadPoolExecutor(self.config.inference_workers(), thread_name_prefix=INFER_PREFIX)
         self._snapshot = self._load_snapshot(None)
         self._snapshot.sizes.fill(self.library)
+        self.read_expansion()
 
     def close(self) -> None:
         if self.infer is not None:
@@ -172,6 +215,9 @@ class SearchState:
 
             torch.set_num_threads(self._torch_threads)
             self._torch_threads = None
+        if self._blas_limits is not None:
+            self._blas_limits.restore_original_limits()
+            self._blas_limits = None
         self.library.close()
 
     @property
@@ -183,6 +229,21 @@ class SearchState:
     @property
     def encoder(self) -> Encoder:
         return self.snapshot.model.encoder
+
+    @property
+    def expansion(self) -> Expansion:
+        """The query expansion every search uses: the library's setting (``library_expansion``)."""
+        if self._expansion is None:
+            return self.read_expansion()
+        return self._expansion
+
+    def read_expansion(self) -> Expansion:
+        """Read the library's query expansion setting again (a database read); raises EngineError
+        for a bad ``$ENGINE_EXPAND``, as ``engine query`` does."""
+        from engine.expansion import library_expansion
+
+        self._expansion = library_expansion(self.library)
+        return self._expansion
 
     @property
     def dim(self) -> int:
@@ -228,7 +289,9 @@ class SearchState:
         """Reload when the library's generation moved on (an ingest, a removal, a model switch);
         True when a new snapshot was installed. Concurrent callers wait for one reload, not several.
         fill_sizes: then also fill the snapshot's SizeFilter (a scan of the file table; the
-        watcher does it, a request that has to reload does not)."""
+        watcher does it, a request that has to reload does not). Reads the library's query
+        expansion setting again too."""
+        self.read_expansion()
         current = self.snapshot
         if self.library.store.generation() == current.generation:
             if fill_sizes and not current.sizes.ready:
@@ -277,10 +340,10 @@ class SearchState:
             raise NotFound(f"no indexed image with id {', '.join(map(str, unknown))}")
         return np.stack([rows[i] for i in wanted])
 
-    def indexed_vector(self, data: bytes, snapshot: Snapshot | None = None) -> np.ndarray | None:
-        """The stored vector float32 [D] of an indexed file with exactly these bytes, else None
-        (an indexed photo searched by upload costs no decode, as ``engine query`` on it). None too
-        when that vector is not of ``snapshot``'s encoder: the caller then embeds the bytes."""
+    def indexed_match(self, data: bytes, snapshot: Snapshot | None = None) -> tuple[int, np.ndarray] | None:
+        """(id, stored vector float32 [D]) of the indexed image whose file has exactly these bytes,
+        else None (an indexed photo searched by upload costs no decode, as ``engine query`` on it).
+        None too when that vector is not of ``snapshot``'s encoder: the caller then embeds the bytes."""
         snapshot = snapshot or self.snapshot
         if not snapshot.sizes.may_hold(len(data)):  # no indexed file has this size: skip hash and query
             return None
@@ -290,7 +353,7 @@ class SearchState:
         got_ids, vectors = self.library.store.get_embeddings(list(found.values()), snapshot.dim)
         if not len(got_ids) or self.library.store.embeddings_epoch() != snapshot.epoch:
             return None
-        return vectors[0]
+        return int(got_ids[0]), vectors[0]
 
     def embed_uploads(self, uploads: Sequence[tuple[str, bytes]], snapshot: Snapshot | None = None) -> np.ndarray:
         """Decode and embed uploads ``(field, bytes)`` as one batch with ``snapshot``'s encoder:
@@ -298,18 +361,21 @@ class SearchState:
         that does not decode."""
         import torch
 
+        pin_threads(self.config.torch_threads())
         model = (snapshot or self.snapshot).model
         tensors = [model.transform(decode_upload(data, field, model.draft_size)) for field, data in uploads]
         return model.encoder.embed(torch.stack(tensors))
 
-    def query_vector(self, data: bytes, field: str = "image", snapshot: Snapshot | None = None) -> np.ndarray:
-        """The vector float32 [D] of an uploaded image in ``snapshot``'s terms: the stored one
-        when the library indexed the same bytes, else embedded now. Blocking: run it on ``infer``."""
+    def query_vector(self, data: bytes, field: str = "image",
+                     snapshot: Snapshot | None = None) -> tuple[np.ndarray, int | None]:
+        """The vector float32 [D] of an uploaded image in ``snapshot``'s terms, and the id of the
+        indexed image with the same bytes (None when there is none): the stored vector when the
+        library indexed the same bytes, else embedded now. Blocking: run it on ``infer``."""
         snapshot = snapshot or self.snapshot
-        stored = self.indexed_vector(data, snapshot)
-        if stored is not None:
-            return stored
-        return self.embed_uploads([(field, data)], snapshot)[0]
+        match = self.indexed_match(data, snapshot)
+        if match is not None:
+            return match[1], match[0]
+        return self.embed_uploads([(field, data)], snapshot)[0], None
 
     # -- searches ------------------------------------------------------------------------------
     def resolve_threshold(self, threshold: float | str | None, snapshot: Snapshot | None = None) -> float | None:
@@ -327,17 +393,22 @@ class SearchState:
         return value
 
     def search_vector(self, vector: np.ndarray, k: int, *, threshold: float | None = None,
-                      exclude: Sequence[int] = (), hit_filter: HitFilter | None = None,
-                      snapshot: Snapshot | None = None) -> Ranking:
-        """The ``k`` nearest indexed images to ``vector`` (float32 [D], of ``snapshot``'s encoder)
-        in ``snapshot`` (default: the current one) that pass ``hit_filter`` (engine.filters: the k
-        best that pass, none lost to the filter), leaving out ``exclude`` ids and images removed
-        since the snapshot was taken."""
-        from engine.filters import NO_FILTER, rank_hits
+                      exclude: Sequence[int] = (), own: Sequence[int] | None = None,
+                      hit_filter: HitFilter | None = None, snapshot: Snapshot | None = None) -> Ranking:
+        """The ``k`` best indexed images for ``vector`` (float32 [D], of ``snapshot``'s encoder)
+        in ``snapshot`` (default: the current one) that pass ``hit_filter``, ranked as ``engine
+        query`` ranks them (``rank_expanded`` with the library's expansion: the k best that pass,
+        none lost to the filter), leaving out ``exclude`` ids and images removed since the
+        snapshot was taken. own: the ids of the query's own file, which never expand it (default:
+        ``exclude``)."""
+        from engine.expansion import rank_expanded
+        from engine.filters import NO_FILTER
 
+        pin_threads(self.config.torch_threads())
         snapshot = snapshot or self.snapshot
-        hits = rank_hits(self.library.store, snapshot.index, np.asarray(vector, np.float32)[None, :], k,
-                         hit_filter=hit_filter or NO_FILTER, exclude=[exclude], label_threshold=threshold)[0]
+        hits = rank_expanded(self.library.store, snapshot.index, np.asarray(vector, np.float32)[None, :], k,
+                             self.expansion, hit_filter=hit_filter or NO_FILTER, exclude=[exclude],
+                             own=None if own is None else [own], label_threshold=threshold)[0]
         return Ranking(hits, snapshot)
 
     def own_ids(self, paths: Sequence[str]) -> list[int]:
@@ -346,6 +417,17 @@ class SearchState:
         (the client sends the real path beside the given one)."""
         known = self.library.store.lookup_paths(sorted(set(paths)))
         return sorted({state.image_id for state in known.values()})
+
+    def upload_own_ids(self, paths: Sequence[str], indexed_id: int | None) -> list[int] | None:
+        """The ids of an upload's own file, which never expand its query (None when the library
+        does not expand queries: nothing to look up). With ``paths`` (the client's query file, as
+        ``engine query`` sends it) those indexed at any of them, looked up as ``engine query``
+        looks up its query file; else the indexed image with the upload's bytes, if any."""
+        if not self.expansion.enabled:
+            return None
+        if paths:
+            return self.own_ids(paths)
+        return [] if indexed_id is None else [indexed_id]
 
     def refine(self, positive: Sequence[int], negative: Sequence[int], query: np.ndarray | None,
                k: int, snapshot: Snapshot | None = None) -> tuple[Ranking, np.ndarray]:
