@@ -18,9 +18,29 @@ at once, while a mistake in the input stays a one-line error.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import time
+from dataclasses import fields
+from typing import Callable, Iterator
 
 ProgressFn = Callable[[int, int | None], None]
 """Progress callback ``fn(done, total)``; ``total`` is ``None`` when unknown."""
 
 __all__ = ["ProgressFn"]
+
+
+class StageClock:
+    """Base of a dataclass whose float fields are wall seconds per stage of one command (ingest,
+    import): ``timing(stage)`` adds a block's seconds to its field."""
+
+    @contextlib.contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        """Add the seconds spent in the ``with`` block to ``stage``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: round(getattr(self, f.name), 4) for f in fields(self)}

@@ -18,14 +18,14 @@ which reconciles it with the stored vectors by id).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from engine.progress import StageClock
 from engine.errors import ModelMismatchError
 from engine.faults import fault_point
 from engine.shards import Manifest, Shard, ShardError, count_rows, read_manifest, read_shard
@@ -49,7 +49,7 @@ class ImportConfig:
 
 
 @dataclass
-class ImportStages:
+class ImportStages(StageClock):
     """Wall seconds per stage: model (build and check the encoder of a new library), read (open
     and validate the shards), lookup (find the paths the library already holds), commit (write
     rows and vectors), index (bring the index up to date). They never overlap."""
@@ -59,18 +59,6 @@ class ImportStages:
     lookup: float = 0.0
     commit: float = 0.0
     index: float = 0.0
-
-    @contextlib.contextmanager
-    def timing(self, stage: str) -> Iterator[None]:
-        """Add the seconds spent in the ``with`` block to ``stage``."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
-
-    def to_dict(self) -> dict[str, float]:
-        return {f.name: round(getattr(self, f.name), 4) for f in fields(self)}
 
 
 @dataclass

@@ -11,16 +11,16 @@ of indexed bytes as aliases) is decided by ``ingest.changes`` and committed in o
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from engine.progress import StageClock
 from engine.atomic import write_atomic
 from engine.errors import EngineError, IndexMissingError
 from engine.files import find_images, nothing_found_message
@@ -58,7 +58,7 @@ class IngestConfig:
 
 
 @dataclass
-class StageSeconds:
+class StageSeconds(StageClock):
     """Wall seconds an ingest spent in each stage, so the cost of everything around the model is
     a figure of every run. The stages never overlap, so they add up to at most the total.
 
@@ -76,18 +76,6 @@ class StageSeconds:
     embed: float = 0.0
     commit: float = 0.0
     index: float = 0.0
-
-    @contextlib.contextmanager
-    def timing(self, stage: str) -> Iterator[None]:
-        """Add the seconds spent in the ``with`` block to ``stage``."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
-
-    def to_dict(self) -> dict[str, float]:
-        return {f.name: round(getattr(self, f.name), 4) for f in fields(self)}
 
 
 @dataclass
