@@ -216,3 +216,18 @@ def test_prune_streams_the_known_paths_under_the_root(library, monkeypatch):
     report = IngestReport()
     assert prune_roots(lib, [str(photos)], find_images([str(photos)], image_suffixes()), report) == []
     assert report.prune_kept == [(str(photos / "d2"), UNMOUNTED, 3)] and store.count() == 7
+
+
+def test_prune_forgets_a_gone_file_whose_name_is_not_utf8(library):
+    """A name that is not valid UTF-8 is stored as bytes (see FsPath): the streamed range covers
+    it too, so it is pruned like any other (the old whole-list read of the root missed it)."""
+    lib, photos, _ = library
+    odd = photos / "d1" / os.fsdecode(b"caf\xe9.png")
+    make_image(odd, seed=42)
+    ingest_paths(lib, [photos / "d1"], CFG)
+    assert str(odd) in lib.store.lookup_paths([str(odd)])
+    odd.unlink()
+    report = IngestReport()
+    gone = prune_roots(lib, [str(photos / "d1")], find_images([str(photos / "d1")], image_suffixes()), report)
+    assert report.removed == 1 and len(gone) == 1
+    assert not lib.store.lookup_paths([str(odd)])
