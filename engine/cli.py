@@ -47,7 +47,8 @@ def main(ctx: click.Context, home: str | None, device: str, database_url: str | 
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", default=None, help="pretrained or a checkpoint; chosen when the library is new.")
+@click.option("--model", default=None, help="pretrained (or pretrained-lite1, pretrained-lite2, pretrained-gem) or a "
+              "checkpoint; chosen when the library is new.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=None, type=click.IntRange(0), callback=cap_workers_option,
               help="Decode processes (default: cores/4, at least 1; at most what cores and memory hold).")
@@ -444,7 +445,8 @@ def bench(obj: Context, n_vectors, data, as_json, out_path, quick) -> None:
               help="Evaluate the current library instead: its stored vectors (nothing decoded), labelled by the "
                    "indexed files' folder names.")
 @click.option("--model", "models", multiple=True,
-              help="pretrained (the default) or a checkpoint; repeat to compare models side by side.")
+              help="pretrained (the default), pretrained-lite1, pretrained-lite2, pretrained-gem or a checkpoint; "
+                   "repeat to compare models side by side.")
 @click.option("--protocol", default="loo", show_default=True, type=click.Choice(["loo", "split", "oneshot"]),
               help="loo: every image queries all others; split: per-class query/gallery split; "
                    "oneshot: one gallery image per class (N-way one-shot).")

@@ -37,7 +37,8 @@ def settings(obj: Context, name: str | None, value: str | None, as_json: bool) -
         try:
             parsed = parse(value)
         except ValueError:
-            raise EngineError(f"{name} takes {'a whole number' if parse is int else 'a number'}, not {value!r}") from None
+            kind = "a whole number" if parse is int else "a number"
+            raise EngineError(f"{name} takes {kind}, not {value!r}") from None
         current = replace(current, **{field: parsed})  # validated by Expansion
         save_library_expansion(library, current)
     facts = {"expand": current.n, "expand-alpha": current.alpha}

