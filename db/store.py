@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_ur
 from sqlalchemy.exc import (ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError,
                             ProgrammingError)
 
-from db.bulk import insert_images, insert_vectors, path_chunks, path_in
+from db.bulk import insert_images, insert_vectors, path_chunks, path_in, vector_rows
 from db.common import CHUNK as _CHUNK, PG_DISK_FULL, StoreError, StoreFullError, chunks as _chunks
 from db.locks import database_write_lock
 from db.migrations import CURRENT as CURRENT_SCHEMA, FLOAT16_SCHEMA, compact, upgrade
@@ -221,12 +221,18 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
         return found
 
     def _handle_error(self, context: ExceptionContext) -> None:
-        if _is_full(context.original_exception):
-            raise StoreFullError(f"no space left to write the database {self.where} "
-                                 f"({context.original_exception}); free some space and run the command again "
-                                 "(everything committed so far is kept)") from None
-        if _is_corruption(context.original_exception):
-            raise self._on_corrupt(f"database file {self.where} is damaged ({context.original_exception})") from None
+        error = self._store_error(context.original_exception)
+        if error is not None:
+            raise error from None
+
+    def _store_error(self, exc: BaseException) -> Exception | None:
+        """The project's error for a driver error that means a full disk or a damaged file, else None."""
+        if _is_full(exc):
+            return StoreFullError(f"no space left to write the database {self.where} ({exc}); free some space and "
+                                  "run the command again (everything committed so far is kept)")
+        if _is_corruption(exc):
+            return self._on_corrupt(f"database file {self.where} is damaged ({exc})")
+        return None
 
     def integrity_errors(self, limit: int = 20) -> list[str]:
         """SQLite's own page-level check (``PRAGMA quick_check``): an empty list when the file is
@@ -344,14 +350,12 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
 
     def get_embeddings(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [M], vectors float32 [M, dim]) for the requested ids that have a vector."""
-        got_ids: list[int] = []
-        vecs: list[bytes] = []
         with self._engine.connect() as conn:
-            for chunk in _chunks([int(i) for i in ids]):
-                for row in conn.execute(select(Embedding.image_id, Embedding.vector).where(Embedding.image_id.in_(chunk))):
-                    got_ids.append(row.image_id)
-                    vecs.append(row.vector)
-        return np.asarray(got_ids, np.int64), self._decode(vecs, dim)
+            try:
+                rows = list(vector_rows(conn, ids))
+            except sqlite3.DatabaseError as exc:  # the driver's own cursor: SQLAlchemy's hook does not see it
+                raise (self._store_error(exc) or exc) from None
+        return np.asarray([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows], dim)
 
     def _decode(self, blobs: Sequence[bytes], dim: int) -> np.ndarray:
         """Stored blobs -> float32 [len(blobs), dim] (see db.vectors.decode_vectors)."""

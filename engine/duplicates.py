@@ -4,8 +4,10 @@ Nothing is decoded and no all-pairs loop runs: every stored vector asks the inde
 neighbours (in chunks), the pairs within ``threshold`` (an L2 distance between unit vectors) become
 edges, and the connected groups of that graph are the duplicate groups. A photo whose every
 neighbour so far lies within the threshold is asked again, deeper, so that with an exact index
-(``Flat``, the default) each photo's whole neighbourhood within the threshold is found and the
-groups equal those of the brute-force all-pairs graph. Byte-identical files (aliases) are members
+(``Flat``, the engine's choice for small libraries) each photo's whole neighbourhood within the
+threshold is found and the groups equal those of the brute-force all-pairs graph. Past Flat the
+candidates are re-scored from the stored vectors (``engine.rerank.search_exact``), so every
+distance is exact; a pair the compressed index does not put among the candidates can be missed. Byte-identical files (aliases) are members
 of their image's group, so an image that only has identical copies is a group too.
 
 Grouping is transitive: A near B and B near C put A, B and C in one group even when A and C are
@@ -21,11 +23,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from engine.errors import EngineError, IndexMissingError
+from engine.rerank import search_exact
 
 if TYPE_CHECKING:
-    from engine.index import VectorIndex
+    from collections.abc import Callable
+
     from engine.library import Library
     from engine.progress import ProgressFn
+
+    SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 # "Same shot" for the pretrained encoder: calibrated by benchmarks/near_duplicates.py on altered
 # copies (crop, resize, recompress, small rotation) of caltech101-dev photos among photos without
@@ -108,22 +114,24 @@ def scores_to_distances(scores: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.asarray(scores, np.float64))).astype(np.float32)
 
 
-def near_pairs(index: VectorIndex, ids: np.ndarray, vectors: np.ndarray, threshold: float,
+def near_pairs(search: SearchFn, total: int, ids: np.ndarray, vectors: np.ndarray, threshold: float,
                neighbours: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Edges of the threshold graph found from these query vectors.
 
-    ids int64 [N] and vectors float32 [N, D]: stored vectors (each is in ``index`` under its id).
-    Returns (a int64 [P], b int64 [P], distance float32 [P]) with a != b and distance <= threshold.
-    A row whose deepest neighbour is still within the threshold is searched again four times as
-    deep, until one falls outside or the whole index was returned."""
-    total = index.ntotal
+    search(queries float32 [Q, D], depth) -> (scores float32 [Q, depth], ids int64 [Q, depth]),
+    best first, over ``total`` vectors (``engine.rerank.search_exact``: exact scores even past
+    Flat, so a pair's distance is the true one). ids int64 [N] and vectors float32 [N, D]: stored
+    vectors (each searchable under its id). Returns (a int64 [P], b int64 [P], distance float32
+    [P]) with a != b and distance <= threshold. A row whose deepest neighbour is still within the
+    threshold is searched again four times as deep, until one falls outside or all ``total`` were
+    returned."""
     out_a: list[np.ndarray] = []
     out_b: list[np.ndarray] = []
     out_d: list[np.ndarray] = []
     rows = np.arange(len(ids))
     depth = min(total, neighbours + 1)
     while rows.size and depth > 0:
-        scores, found = index.search(vectors[rows], depth)
+        scores, found = search(vectors[rows], depth)
         dist = scores_to_distances(scores)
         keep = (found >= 0) & (found != ids[rows][:, None]) & (dist <= threshold)
         full = (dist[:, -1] <= threshold) & (found[:, -1] >= 0) & (depth < total)
@@ -200,8 +208,11 @@ def find_duplicates(library: Library, config: DuplicateConfig = DuplicateConfig(
         progress(0, total)
     parts_a, parts_b, parts_d = [], [], []
     done = 0
+    def search(queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        return search_exact(store, index, queries, depth)
+
     for ids, vectors in store.iter_embeddings(info.dim, batch=config.batch):
-        a, b, d = near_pairs(index, ids, vectors, config.threshold, config.neighbours)
+        a, b, d = near_pairs(search, index.ntotal, ids, vectors, config.threshold, config.neighbours)
         parts_a.append(a)
         parts_b.append(b)
         parts_d.append(d)

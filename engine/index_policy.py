@@ -24,7 +24,7 @@ The ladder, each rung measured on this project's machine (README "Index choice")
    cannot remove, so every removal would rebuild it, and at the sizes where a rebuild is cheap,
    Flat is already fast; and its float32 copy plus links (5.4 KB at 1280-d) is over the target.
 
-Every inverted file's coarse quantiser becomes an HNSW graph past 4096 lists.
+Every inverted file's coarse quantiser becomes an HNSW graph from 4096 lists on.
 
 Past Flat the index never holds a full float32 copy of high-dimensional vectors: the stored
 vectors (float16 in the database) are the one exact copy.
@@ -46,7 +46,10 @@ MIN_INDEX_BYTES = 48  # what the smallest compressed rung costs a vector: the fl
 MEMORY_SHARE = 0.25  # of this machine's RAM, the default budget for the index
 TRAIN_PER_LIST = 39  # FAISS wants this many training vectors per list (it warns below)
 PQ_DIMS_PER_CODE = 8  # dimensions a PQ sub-quantiser (of 256 centroids) describes
-GRAPH_QUANTIZER_FROM = 8192  # lists: past 4096, a flat coarse quantiser costs more than the lists
+# lists from which the coarse quantiser is a graph: at 1M x 1280-d with 4096 lists, the flat one took
+# 0.51 ms of a 0.83 ms single query (12 lists scanned), an HNSW32 over the same centroids 0.077 ms,
+# finding 99.9 % of the same lists
+GRAPH_QUANTIZER_FROM = 4096
 MAX_LISTS = 1 << 16
 SHRINK_FACTOR = 4  # a library that shrinks this much below what its index was built for moves down
 DEFAULT_BUDGET_ENV = "ENGINE_INDEX_MEMORY"  # bytes (or 4G, 512M ...): overrides the default budget

@@ -103,6 +103,37 @@ def test_grouping_equals_the_brute_force_reference(library):
             assert got.photos == library.store.count_embeddings()
 
 
+def test_past_flat_every_distance_is_the_exact_one(tmp_path, tiny_model):
+    # A compressed index scores approximately; the pairs it reports must carry the stored vectors'
+    # exact distance (re-ranked), so a threshold means the same at every rung.
+    from ingest.reindex import reindex_library
+
+    _photo_set(tmp_path / "photos")
+    lib = Library(tmp_path / "home", device="cpu")
+    ingest_paths(lib, [tmp_path / "photos"], IngestConfig(batch_size=8, workers=0), model=tiny_model)
+    reindex_library(lib, factory="IVF2,SQ4")
+    index = lib.open_index()
+    assert not index.exact_scores
+    ids, vectors = next(lib.store.iter_embeddings(lib.model_info().dim, batch=10_000))
+    index.set_search_parameters("nprobe=2")
+    approx, _ = index.search(vectors, 2)
+    exact = np.sort(vectors @ vectors.T, axis=1)[:, ::-1][:, :2]
+    assert np.abs(approx - exact).max() > 1e-4  # the index's own scores are not exact ...
+    by_id = dict(zip(ids.tolist(), vectors.astype(np.float64)))
+    report = find_duplicates(lib, DuplicateConfig(threshold=1.0))
+    checked = 0
+    for group in report.groups:
+        for member in group.members:
+            others = {o.id for o in group.members} - {member.id}
+            if member.identical_to is not None or len([o for o in group.members if o.id == member.id]) > 1:
+                continue  # its nearest is a byte-identical copy: 0.0 by definition
+            best = min(np.sqrt(max(0.0, 2 - 2 * by_id[member.id] @ by_id[o])) for o in others)
+            assert abs(member.nearest - best) < 1e-5, (member, best)  # ... the reported ones are
+            checked += 1
+    assert checked >= 4
+    lib.close()
+
+
 def test_union_find_fallback_equals_scipy(library, monkeypatch):
     t = _thresholds(library)[-1]
     with_scipy = _groups(find_duplicates(library, DuplicateConfig(threshold=t)))

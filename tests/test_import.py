@@ -10,6 +10,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -481,3 +482,22 @@ def test_import_killed_at_any_point_then_rerun_adds_each_row_once(tmp_path, tiny
     state = json.loads((home / "index.json").read_text())
     assert state["generation"] == library.store.generation()
     assert not list(home.glob(".*.tmp"))
+
+
+def test_engine_import_never_loads_torch(tmp_path, tiny_model, tiny_identity, subprocess_env):
+    # An import moves vectors made elsewhere: paying torch's start-up (seconds) would be waste.
+    folder, _, paths = _folder(tmp_path, tiny_identity, dim=96, shards=1, rows=5, seed=3)
+    home = tmp_path / "home"
+    made = Library(home, device="cpu")
+    with made.write_lock():
+        made.set_model(tiny_model)
+    made.close()
+    probe = ("import sys\nfrom engine.cli import main\n"
+             "try:\n    main([sys.argv[1], sys.argv[2], 'import', sys.argv[3], '--json'])\n"
+             "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    result = subprocess.run([sys.executable, "-c", probe, "--home", str(home), str(folder)], env=subprocess_env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("NO-TORCH"), result.stdout
+    assert json.loads(result.stdout.strip().rsplit("\n", 1)[0])["added"] == len(paths)

@@ -38,13 +38,13 @@ def one_faiss_thread():
     (10_000, 1280, 6 * G, "Flat"),
     (FLAT_MAX_ELEMENTS // 1280, 1280, 6 * G, "Flat"),  # the last exact row count at 1280-d
     (FLAT_MAX_ELEMENTS // 1280 + 1, 1280, 6 * G, "IVF512,PQ160np"),
-    (1_000_000, 1280, 6 * G, "IVF4096,PQ160np"),  # 168 B a vector: SQ8's 1288 would break 4 KB a photo
-    (1_000_000, 1280, 64 * M, "IVF4096,PQ20np"),  # a short budget: smaller codes
+    (1_000_000, 1280, 6 * G, "IVF4096_HNSW32,PQ160np"),  # 168 B a vector: SQ8's 1288 would break 4 KB a photo
+    (1_000_000, 1280, 64 * M, "IVF4096_HNSW32,PQ20np"),  # a short budget: smaller codes
     (10_000_000, 1280, 6 * G, "IVF16384_HNSW32,PQ160np"),
     (100_000_000, 1280, 6 * G, "IVF32768_HNSW32,PQ40np"),
-    (1_000_000, 768, 6 * G, "IVF4096,SQ8"),  # a byte a dimension fits at 768-d
+    (1_000_000, 768, 6 * G, "IVF4096_HNSW32,SQ8"),  # a byte a dimension fits at 768-d
     (300_000, 96, 6 * G, "Flat"),
-    (1_000_000, 96, 6 * G, "IVF4096,Flat"),  # small vectors: an exact copy fits the per-photo target
+    (1_000_000, 96, 6 * G, "IVF4096_HNSW32,Flat"),  # small vectors: an exact copy fits the per-photo target
     (10_000_000, 96, 6 * G, "IVF16384_HNSW32,Flat"),
     (10_000_000, 96, 1 * G, "IVF16384_HNSW32,SQ8"),  # ... unless the budget is short
     (10_000_000, 96, G // 2, "IVF16384_HNSW32,PQ12np"),  # ... or shorter
@@ -74,7 +74,7 @@ def test_every_plan_builds_fits_the_photo_target_and_the_budget():
 
 def test_graphs_only_for_libraries_that_never_remove():
     assert choose_index(1_000_000, 96, 6 * G, allow_graph=True).factory == "HNSW32"
-    assert choose_index(1_000_000, 96, 6 * G).factory == "IVF4096,Flat"
+    assert choose_index(1_000_000, 96, 6 * G).factory == "IVF4096_HNSW32,Flat"
     assert choose_index(1_000_000, 1280, 6 * G, allow_graph=True).rung != "hnsw"  # 5.4 KB a vector: too big
 
 

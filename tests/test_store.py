@@ -112,3 +112,26 @@ def test_opening_a_new_database_while_another_process_creates_it(store_url, monk
     assert lied and loser.count() == 1 and loser.get_meta("schema_version") == SCHEMA_VERSION
     winner.close()
     loser.close()
+
+
+def test_a_damaged_vector_page_is_a_store_error_not_a_driver_error(tmp_path):
+    # Stored vectors are read through the driver's own cursor (the re-ranking fast path), past
+    # SQLAlchemy's error hook: its errors must still come out as the store's.
+    import pytest
+
+    from db.sqlite_files import DatabaseDamagedError
+
+    path = tmp_path / "library.db"
+    store = MetadataStore(f"sqlite:///{path}")
+    vecs = np.random.default_rng(0).standard_normal((300, 1280)).astype(np.float32)
+    ids, _ = store.write_batch([_row(i) for i in range(300)], vecs)
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 8192 if len(data) % 8192 == 0 else 4096
+    pages = len(data) // page
+    for p in range(pages // 3, pages - 1):  # the later pages hold vector rows; scramble their headers
+        data[p * page:p * page + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    store = MetadataStore(f"sqlite:///{path}", read_only=True)
+    with pytest.raises(DatabaseDamagedError):
+        store.get_embeddings(ids, 1280)
