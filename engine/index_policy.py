@@ -1,7 +1,8 @@
 """Which index a library should have: chosen from its row count, its vectors' dimension and a
 memory budget, never by hand (``engine reindex --index-type`` remains for those who choose).
 
-The ladder, each rung measured on this project's machine (README "Index choice"):
+The ladder, each rung measured on this project's machine (README "Index choice";
+``benchmarks/index_rungs.py`` measures one rung through a real library):
 
 1. **Flat** (exact) while a query scans at most ``FLAT_MAX_ELEMENTS`` floats (n x dim): about
    15 ms on one core; past that a Flat query grows with the library (1.2 s at 1M x 1280).
@@ -19,7 +20,12 @@ The ladder, each rung measured on this project's machine (README "Index choice")
    fetch, about 5 us): PQ160 (234 B a vector) searches in 0.81 ms p50, SQ4 (701 B) in 1.81 ms,
    with the same build time; in a sweep of families, 4-bit fast-scan PQ64 never reached 0.95
    within 320 candidates (PQ128x4fs needed 160), and OPQ64's rotation alone took 28 minutes to
-   train. So SQ8 where it fits, else PQ.
+   train. So SQ8 where it fits, else PQ. Reproduced by
+   ``.venv/bin/python benchmarks/index_rungs.py --n 100000 --dim 1280 --memory-budget 40000000``
+   (PQ160; SQ4 with ``--index-type "IVF1024,SQ4"``) and the sweep by
+   ``.venv/bin/python benchmarks/index_families.py --n 100000`` (PQ128np, PQ160np and
+   PCAR512-SQ8 with ``--factories "IVF1024,PQ128np;IVF1024,PQ160np;PCAR512,IVF1024,SQ8"``),
+   FAISS on one thread.
 5. **HNSW** only when the caller says the library never removes vectors (``allow_graph``): a graph
    cannot remove, so every removal would rebuild it, and at the sizes where a rebuild is cheap,
    Flat is already fast; and its float32 copy plus links (5.4 KB at 1280-d) is over the target.
