@@ -13,6 +13,11 @@ leave-one-out protocol), on these protocols (the README's fine-tuning table uses
 - orl-faces: the 10 people the seeded 0.25 split holds out; other images: the other 30.
 - omniglot-background: the alphabets the seeded 0.25 group split holds out; also 20-way one-shot
   accuracy over 500 seeded episodes (one support and one query drawer per character).
+
+Beside the levers on lite0's maps: the other pretrained backbones embedded from the files
+(``backbone_rows``), a frozen-backbone checkpoint's head on the cached maps (``head_rows``), each
+``--model`` name's speed (``encoder_speed``) and the cost of expansion per query in a library
+(``expansion_latency``). docs/quality.md has the figures.
 """
 
 from __future__ import annotations
@@ -288,3 +293,150 @@ def whitened(fit_on: np.ndarray, fit_labels: np.ndarray | None, apply_to: np.nda
         w = fit_pca_whitening(fit_on, dim, shrinkage)
     return w.apply(apply_to)
 
+
+
+# ------------------------------------------------------------------------- other encoders on the sets
+
+
+def backbone_embeddings(cached: CachedSet, backbone: str, log: Callable[[str], None] = print) -> np.ndarray:
+    """Unit embeddings float32 [N, D] of ``cached``'s images by the pretrained ``backbone`` ("lite0",
+    "lite1", "lite2": what ``--model pretrained[-liteN]`` embeds, from the image files, each at its
+    own input size). Only the rows ``backbone_rows`` scores are embedded (the held-out classes; for
+    orl every image); the others are zero. Kept in the cache once computed."""
+    if backbone == "lite0":
+        return embeddings(cached)
+    path = Path(cached.maps.filename).with_name(f"{cached.name}_{backbone}_emb.npy")
+    if path.exists():
+        return np.load(path)
+    from engine.config import EncoderConfig
+    from engine.embedding import embed_files
+    from engine.encoder import build_encoder
+
+    encoder = build_encoder(EncoderConfig(backbone=f"tf_efficientnet_{backbone}"))
+    keep = np.flatnonzero(_embedded_rows(cached))
+    start = time.perf_counter()
+    out = embed_files(encoder, [cached.paths[i] for i in keep], batch_size=32, workers=1)
+    if out.failures:
+        raise SystemExit(f"cannot read {out.failures[0]}")
+    log(f"{path.name}: {len(keep)} images in {time.perf_counter() - start:.0f} s")
+    emb = np.zeros((len(cached.paths), encoder.dim), np.float32)
+    emb[keep] = out.embeddings
+    np.save(path, emb)
+    return emb
+
+
+def _embedded_rows(cached: CachedSet) -> np.ndarray:
+    """bool [N]: the images ``backbone_embeddings`` embeds (orl is small enough for all of them)."""
+    return np.ones(len(cached.paths), bool) if cached.name == "orl" else cached.held
+
+
+def backbone_rows(cached: CachedSet, backbones: Sequence[str], expansions: Sequence[Expansion],
+                  log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """``score`` of each pretrained backbone's embeddings with each expansion (DBA in the
+    shortlist, as the engine ranks) on the subsets every backbone has embedded."""
+    rows = []
+    embedded = _embedded_rows(cached)
+    for backbone in backbones:
+        emb = backbone_embeddings(cached, backbone, log)
+        for sub, mask in subsets(cached).items():
+            if not embedded[mask].all():
+                continue
+            for expansion in expansions:
+                figures = score(emb[mask], cached.labels[mask], expansion, dba="shortlist",
+                                classes=cached.classes if cached.name == "omniglot" else None)
+                rows.append(dict(set=cached.name, subset=sub, backbone=backbone, expand=expansion.n,
+                                 alpha=expansion.alpha, **figures))
+    return rows
+
+
+def head_embeddings(cached: CachedSet, checkpoint: Path) -> np.ndarray:
+    """Unit embeddings float32 [N, D] of the cached images by a checkpoint trained on the frozen
+    pretrained lite0 (``--preset cpu-quick``: only its head and any whitening learned): its
+    ``project`` applied to the average-pooled cached feature maps, as the encoder computes it from
+    the files. Raises SystemExit when the checkpoint's backbone is not the pretrained one."""
+    import torch
+
+    from engine.encoder import load_encoder
+
+    trained = load_encoder(str(checkpoint))
+    frozen = load_encoder("pretrained")
+    ours, theirs = trained.backbone.state_dict(), frozen.backbone.state_dict()
+    if trained.config.pooling != "avg" or ours.keys() != theirs.keys() or not all(
+            torch.equal(ours[k], theirs[k]) for k in ours):
+        raise SystemExit(f"{checkpoint}: its backbone is not the frozen pretrained lite0; embed from the files")
+    with torch.inference_mode():
+        return trained.project(torch.from_numpy(pooled(cached.maps))).numpy().astype(np.float32)
+
+
+def head_rows(cached: CachedSet, checkpoint: Path, expansions: Sequence[Expansion]) -> list[dict[str, Any]]:
+    """``score`` on the held-out classes of a frozen-backbone checkpoint's embeddings
+    (``head_embeddings``) with each expansion, beside the frozen encoder's."""
+    rows = []
+    labels = cached.labels[cached.held]
+    classes = cached.classes if cached.name == "omniglot" else None
+    for model, emb in (("frozen", embeddings(cached)), (str(checkpoint), head_embeddings(cached, checkpoint))):
+        for expansion in expansions:
+            figures = score(emb[cached.held], labels, expansion, dba="shortlist", classes=classes)
+            rows.append(dict(set=cached.name, subset="held", model=model, expand=expansion.n,
+                             alpha=expansion.alpha, **figures))
+    return rows
+
+
+def encoder_speed(models: Sequence[str], paths: Sequence[str], batch_size: int = 32, repeats: int = 3,
+                  bare: bool = False) -> list[dict[str, Any]]:
+    """Images/s of each named encoder (``--model NAME``) embedding ``paths`` from their files
+    (decode in one worker process + forward, what ingest pays per image), best of ``repeats``
+    after one warm-up pass; the models take turns, so a change in the machine's load falls on all.
+    bare: the forward alone (``Encoder.embed``) on one seeded random batch float32 [len(paths), 3,
+    S, S] at each encoder's own input size S, no decoding: steadier on a busy machine."""
+    import torch
+
+    from engine.embedding import embed_files
+    from engine.encoder import load_encoder
+
+    encoders = {name: load_encoder(name) for name in models}
+    batches = {name: torch.randn(len(paths), *e.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+               for name, e in encoders.items()} if bare else {}
+    best = {name: float("inf") for name in models}
+    for attempt in range(repeats + 1):
+        for name, encoder in encoders.items():
+            start = time.perf_counter()
+            if bare:
+                for lo in range(0, len(paths), batch_size):
+                    encoder.embed(batches[name][lo:lo + batch_size])
+            else:
+                out = embed_files(encoder, paths, batch_size=batch_size, workers=1)
+                if out.failures:
+                    raise SystemExit(f"cannot read {out.failures[0]}")
+            if attempt:  # the first pass folds BatchNorm and warms the caches
+                best[name] = min(best[name], time.perf_counter() - start)
+    return [dict(model=name, input=int(encoders[name].data_config["input_size"][-1]), images=len(paths), bare=bare,
+                 images_per_s=len(paths) / best[name], ms_per_image=1000 * best[name] / len(paths))
+            for name in models]
+
+
+def expansion_latency(home: Path, ns: Sequence[int], queries: int = 40, k: int = 10,
+                      seed: int = 0) -> list[dict[str, Any]]:
+    """Milliseconds per ``engine query`` search in the library at ``home`` (opened read-only) at each
+    expansion n (alpha as the library's setting), for ``queries`` of its own images (seeded): their
+    stored vectors are used, so this is search + expansion + shortlist re-ranking, no decoding. The
+    settings take turns per query, so load changes fall on all of them; the median is reported."""
+    from engine.expansion import library_expansion
+    from engine.library import Library
+    from engine.library_eval import library_vectors
+    from engine.query import search_library
+
+    library = Library(home, device="cpu", read_only=True)
+    _, _, paths = library_vectors(library)
+    chosen = [paths[i] for i in np.random.default_rng(seed).choice(len(paths), min(queries, len(paths)),
+                                                                   replace=False)]
+    search_library(library, chosen[:2], k=k, expand=0)  # loads the index and warms the caches
+    times: dict[int, list[float]] = {n: [] for n in ns}
+    for path in chosen:
+        for n in ns:
+            start = time.perf_counter()
+            search_library(library, [path], k=k, expand=n)
+            times[n].append(time.perf_counter() - start)
+    alpha = library_expansion(library).alpha
+    return [dict(images=len(paths), expand=n, alpha=alpha, ms_per_query=1000 * float(np.median(times[n])))
+            for n in ns]

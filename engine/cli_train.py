@@ -45,7 +45,9 @@ def _train_config(device: str, options: dict[str, Any]) -> TrainConfig:
 @click.argument("data", type=click.Path(exists=True))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Run folder to write.")
 @click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
-              help="cpu-quick: useful in <= 20 min on 2 CPU cores; gpu: the defaults.")
+              help="cpu-quick: photos near ImageNet, a head on frozen features, <= 20 min on 2 CPU cores; "
+                   "cpu-long: data far from ImageNet (characters, grey faces), a small net from scratch, "
+                   "<= 60 min on 2 CPU cores; gpu: the whole backbone fine-tuned, the defaults.")
 @click.option("--loss", type=click.Choice(LOSSES), default=None)
 @click.option("--miner", type=click.Choice(MINERS), default=None)
 @click.option("--margin", type=Number(0), default=None, help="Loss margin on the L2 distance.")

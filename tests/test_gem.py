@@ -40,6 +40,19 @@ def test_gem_is_the_generalised_mean_of_each_map():
     np.testing.assert_allclose(GeM(1.0)(x).detach().numpy(), a.mean(axis=(2, 3)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_the_benchmark_pools_as_the_encoder_does(p):
+    # The README's GeM table is computed by bench.levers.pooled on cached float16 maps; it is only
+    # evidence for `--model pretrained-gem` if it is the encoder's own GeM layer.
+    from bench.levers import pooled
+    from engine.encoder import GeM
+
+    maps = (torch.randn(7, 6, 4, 5, generator=torch.Generator().manual_seed(3)) * 2).to(torch.float16)
+    got = pooled(maps.numpy(), p, block=3)  # blocks smaller than N: the seams are covered too
+    want = GeM(p)(maps.float()).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_gem_with_p_one_equals_average_pooling_in_the_encoder():
     avg = _build(TINY)
     gem = _build(replace(TINY, pooling="gem", gem_p=1.0))
@@ -139,7 +152,8 @@ def test_named_pretrained_models_build_and_a_library_remembers_them(tmp_path, mo
     monkeypatch.setenv("ENGINE_OFFLINE", "1")
     gem = load_encoder("pretrained-gem")
     assert gem.config.pooling == "gem" and gem.config.backbone == "tf_efficientnet_lite0"
-    assert float(gem.backbone.global_pool.p.detach()[0]) == 3.0 and gem.metadata["weights_source"] == "package"
+    # p = 2: the exponent the README's GeM table chose (p = 3 lost MAP@R on photos)
+    assert float(gem.backbone.global_pool.p.detach()[0]) == 2.0 and gem.metadata["weights_source"] == "package"
     make_folder(tmp_path / "photos", 3)
     lib = Library(tmp_path / "home", device="cpu")
     ingest_paths(lib, [tmp_path / "photos"], IngestConfig(workers=0), model="pretrained-lite1")
