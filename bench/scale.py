@@ -88,11 +88,13 @@ class Row:
 # -- measuring -----------------------------------------------------------------------------------
 def measure(search: SearchFn, queries: np.ndarray, truth: np.ndarray, k: int, single: int) -> tuple[float, dict, float]:
     """(recall@k of the batch answer against ``truth`` int64 [Q, k], single-query percentiles over
-    the first ``single`` queries, batch queries/s of all of them)."""
+    the first ``single`` queries, batch queries/s of all of them, best of two runs)."""
     search(queries[:2], k)  # warm: first-touch page faults and lazy set-up are no part of a query
-    t0 = time.perf_counter()
-    found = search(queries, k)
-    batch_s = time.perf_counter() - t0
+    batch_s = float("inf")
+    for _ in range(2):  # the best of two: the first also pages in the stored vectors it re-ranks
+        t0 = time.perf_counter()
+        found = search(queries, k)
+        batch_s = min(batch_s, time.perf_counter() - t0)
     samples = []
     for q in queries[:single]:
         t1 = time.perf_counter()

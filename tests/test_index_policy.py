@@ -222,3 +222,13 @@ def test_recall_counts_ties_as_found():
     scores = np.array([[0.9, 0.5, 0.1], [0.95, 0.8, 0.85]], np.float32)  # 0.5 ties the k-th: found
     assert recall_at(np.zeros((2, 3), np.int64), scores, kth, 2, 3) == 0.75
     assert recall_at(np.zeros((2, 3), np.int64), scores, kth, 2, 1) == 0.5  # only the first candidate re-ranked
+
+
+def test_a_setting_reaches_the_target_only_beyond_the_samples_margin_of_error():
+    from engine.index_tuning import reaches
+
+    assert not reaches(0.95, 4000, 0.95)  # exactly the target on a sample: as likely short as not
+    assert reaches(0.96, 4000, 0.95)  # 0.96 - 1.645 * 0.0031 = 0.9549
+    assert not reaches(0.96, 400, 0.95)  # the same recall on a tenth of the hits is not enough
+    assert reaches(1.0, 10, 1.0) and reaches(1.0, 1, 0.99)  # perfect recall has no error to allow for
+    assert not reaches(0.999, 10**6, 1.0)
