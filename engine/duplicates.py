@@ -7,8 +7,9 @@ neighbour so far lies within the threshold is asked again, deeper, so that with 
 (``Flat``, the engine's choice for small libraries) each photo's whole neighbourhood within the
 threshold is found and the groups equal those of the brute-force all-pairs graph. Past Flat the
 candidates are re-scored from the stored vectors (``engine.rerank.search_exact``), so every
-distance is exact; a pair the compressed index does not put among the candidates can be missed. Byte-identical files (aliases) are members
-of their image's group, so an image that only has identical copies is a group too.
+distance is exact; a pair the compressed index does not put among the candidates can be missed.
+Byte-identical files (aliases) are members of their image's group, so an image that only has
+identical copies is a group too.
 
 Grouping is transitive: A near B and B near C put A, B and C in one group even when A and C are
 further apart than the threshold (a burst drifting shot by shot).
@@ -208,6 +209,7 @@ def find_duplicates(library: Library, config: DuplicateConfig = DuplicateConfig(
         progress(0, total)
     parts_a, parts_b, parts_d = [], [], []
     done = 0
+
     def search(queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
         return search_exact(store, index, queries, depth)
 
