@@ -154,6 +154,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+ID_SCAN_INDEX = "embeddings_ids"  # SQLite: see MetadataStore._add_id_scan_index
+
+
 class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
     """Images, aliases, embeddings and library facts in one SQL database (SQLite by default)."""
 
@@ -218,7 +221,21 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
                 conn.execute(insert(Meta).values(key="schema_version", value=found))
         found = upgrade(self._engine, found)  # an older library's file is brought up to date
         compact(self._engine, SQLITE_PAGE_SIZE)  # and its file into pages that suit its vectors
+        self._add_id_scan_index()
         return found
+
+    def _add_id_scan_index(self) -> None:
+        """On SQLite, an index of the embeddings' ids alone, made where missing (a file of any
+        earlier engine gets it on its first writable open; older engines ignore it). A vector's row
+        fills a third of a page, so listing or counting the ids by the table read every vector:
+        1.4 s and 0.41 s at 1M rows, against 0.22 s and 0.002 s through this index of about 12 bytes
+        a row (what an index open reconciles with, ``engine info`` counts and ``doctor`` checks)."""
+        if self._engine.dialect.name != "sqlite":
+            return  # PostgreSQL scans its primary key's own index for these
+        with self._engine.begin() as conn:
+            if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?",
+                                    (ID_SCAN_INDEX,)).first() is None:
+                conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {ID_SCAN_INDEX} ON embeddings (image_id)")
 
     def _handle_error(self, context: ExceptionContext) -> None:
         error = self._store_error(context.original_exception)

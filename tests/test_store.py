@@ -135,3 +135,28 @@ def test_a_damaged_vector_page_is_a_store_error_not_a_driver_error(tmp_path):
     store = MetadataStore(f"sqlite:///{path}", read_only=True)
     with pytest.raises(DatabaseDamagedError):
         store.get_embeddings(ids, 1280)
+
+
+def test_sqlite_lists_and_counts_ids_without_reading_vectors(tmp_path):
+    # An index of the ids alone: listing or counting them must not walk the vectors' pages, in a
+    # new file and in a file an earlier engine made without it.
+    import sqlite3
+
+    from db.store import ID_SCAN_INDEX
+
+    path = tmp_path / "library.db"
+    store = MetadataStore(f"sqlite:///{path}")
+    ids, _ = store.write_batch([_row(i) for i in range(5)], np.ones((5, 8), np.float32))
+    store.close()
+    for made_by_earlier_engine in (False, True):
+        if made_by_earlier_engine:
+            with sqlite3.connect(path) as conn:
+                conn.execute(f"DROP INDEX {ID_SCAN_INDEX}")
+            store = MetadataStore(f"sqlite:///{path}")  # a writable open adds it again
+            store.close()
+        with sqlite3.connect(path) as conn:
+            for sql in ("SELECT image_id FROM embeddings ORDER BY image_id", "SELECT count(*) FROM embeddings"):
+                plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+                assert f"COVERING INDEX {ID_SCAN_INDEX}" in plan, plan
+    store = MetadataStore(f"sqlite:///{path}", read_only=True)
+    assert store.embedding_ids().tolist() == ids and store.count_embeddings() == 5
