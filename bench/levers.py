@@ -144,25 +144,36 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def oneshot_episodes(emb: np.ndarray, labels: np.ndarray, classes: Sequence[str], expansion: Expansion = NO_EXPANSION,
-                     n_way: int = 20, episodes: int = 500, seed: int = 0, sep: str = "__") -> float:
-    """Mean N-way one-shot accuracy over seeded episodes (N characters of one alphabet, one support
-    and one query image each; benchmarks/train_bench.py draws the same episodes); with expansion
-    the query is expanded from the episode's supports and the supports re-ranked, as engine eval
-    --expand does."""
+def draw_episodes(labels: np.ndarray, classes: Sequence[str], n_way: int = 20, episodes: int = 500, seed: int = 0,
+                  sep: str = "__") -> tuple[list[tuple[list[int], list[int]]], list[str]]:
+    """Seeded N-way one-shot episodes: N characters of one alphabet (an alphabet is the part of a
+    class name before ``sep``; all classes together when no alphabet has N), one support and one
+    query image each, the alphabets taken in turn. labels int [M] index ``classes``. Returns
+    ([(support positions, query positions)] per episode, the alphabets drawn from)."""
     rng = np.random.default_rng(seed)
     alphabet = np.asarray([classes[c].split(sep)[0] for c in labels])
     pools = {a: np.unique(labels[alphabet == a]) for a in np.unique(alphabet)}
     pools = {a: c for a, c in pools.items() if len(c) >= n_way} or {"all": np.unique(labels)}
     names = sorted(pools)
-    accs = []
+    drawn = []
     for e in range(episodes):
         chars = rng.choice(pools[names[e % len(names)]], n_way, replace=False)
         support, query = [], []
         for c in chars:
             s, q = rng.choice(np.flatnonzero(labels == c), 2, replace=False)
-            support.append(s)
-            query.append(q)
+            support.append(int(s))
+            query.append(int(q))
+        drawn.append((support, query))
+    return drawn, names
+
+
+def oneshot_episodes(emb: np.ndarray, labels: np.ndarray, classes: Sequence[str], expansion: Expansion = NO_EXPANSION,
+                     n_way: int = 20, episodes: int = 500, seed: int = 0, sep: str = "__") -> float:
+    """Mean N-way one-shot accuracy over ``draw_episodes`` (benchmarks/train_bench.py scores the
+    same episodes); with expansion the query is expanded from the episode's supports and the
+    supports re-ranked, as engine eval --expand does."""
+    accs = []
+    for support, query in draw_episodes(labels, classes, n_way, episodes, seed, sep)[0]:
         if expansion.enabled:  # as engine eval --protocol oneshot --expand: the re-ranked top hit
             q_emb = expand_queries(emb[query], emb[support], expansion)
             rescore = ShortlistRescorer(q_emb, emb[support], expansion, SHORTLIST_DEPTH)

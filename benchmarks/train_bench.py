@@ -124,29 +124,14 @@ def caltech(args):
 
 
 def oneshot(embeddings, labels, classes, n_way=20, episodes=500, seed=0, group_sep="__"):
-    """Mean N-way one-shot accuracy over seeded episodes: N characters of one held-out alphabet
-    (all held-out characters when no alphabet has N), one support and one query drawer each."""
+    """Mean N-way one-shot accuracy over seeded episodes (``bench.levers.draw_episodes``: N
+    characters of one held-out alphabet, one support and one query drawing each), and the alphabets."""
+    from bench.levers import draw_episodes
     from engine.metrics import oneshot_accuracy
 
-    rng = np.random.default_rng(seed)
-    alphabet = np.asarray([classes[c].split(group_sep)[0] for c in labels])
-    pools = {}
-    for a in np.unique(alphabet):
-        chars = np.unique(labels[alphabet == a])
-        if len(chars) >= n_way:
-            pools[a] = chars
-    if not pools:
-        pools = {"all": np.unique(labels)}
-    names = sorted(pools)
-    accs = []
-    for e in range(episodes):
-        chars = rng.choice(pools[names[e % len(names)]], n_way, replace=False)
-        support, query = [], []
-        for c in chars:
-            s, q = rng.choice(np.flatnonzero(labels == c), 2, replace=False)
-            support.append(s)
-            query.append(q)
-        accs.append(oneshot_accuracy(embeddings[query], labels[query], embeddings[support], labels[support]))
+    drawn, names = draw_episodes(labels, classes, n_way, episodes, seed, group_sep)
+    accs = [oneshot_accuracy(embeddings[query], labels[query], embeddings[support], labels[support])
+            for support, query in drawn]
     return float(np.mean(accs)), names
 
 
