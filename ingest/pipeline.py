@@ -23,7 +23,7 @@ import numpy as np
 from engine.progress import StageClock
 from engine.atomic import write_atomic
 from engine.errors import EngineError, IndexMissingError
-from engine.files import find_images, nothing_found_message
+from engine.files import Discovery, find_images, nothing_found_message
 from engine.output import printable
 from engine.index import VectorIndex
 from engine.faults import fault_point
@@ -135,6 +135,17 @@ def _write_failures(path: str | os.PathLike, failed: Sequence[tuple[str, str]]) 
     write_atomic(path, "".join(lines).encode("utf-8"))
 
 
+def walk_inputs(library: Library, roots: Sequence[str], config: IngestConfig, stages: StageSeconds) -> Discovery:
+    """The image files under ``roots`` (``engine.files.find_images``'s answer), walked first so
+    that a mistyped path or an empty folder leaves no library behind: EngineError naming what was
+    looked at when nothing is found (an empty walk is fine for ``prune`` on an existing library)."""
+    with stages.timing("walk"):
+        found = find_images(roots, image_suffixes(), exclude=config.exclude)
+    if not found.files and not (config.prune and library.exists()):
+        raise EngineError(nothing_found_message(roots, found, image_suffixes()))
+    return found
+
+
 def _stat_files(files: Sequence[str], report: IngestReport) -> tuple[list[str], dict[str, tuple[int, float]]]:
     """The regular files among ``files`` with their (size, mtime); the others are reported."""
     regular: list[str] = []
@@ -232,10 +243,7 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
     report = IngestReport()
     stages = report.stages
     new_model: dict[str, Any] = {}
-    with stages.timing("walk"):  # first: a mistyped path or an empty folder leaves no library behind
-        found = find_images(roots, image_suffixes(), exclude=config.exclude)
-    if not found.files and not (config.prune and library.exists()):
-        raise EngineError(nothing_found_message(roots, found, image_suffixes()))
+    found = walk_inputs(library, roots, config, stages)
     if not library.exists():  # a new library: a model that cannot be built must leave no home or database
         if progress:
             progress(0, None)  # the paths are good; the slow part begins (the encoder)

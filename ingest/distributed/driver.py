@@ -28,15 +28,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from engine.atomic import atomic_path
 from engine.errors import EngineError
 from engine.faults import DELAY_ENV, FAULT_ENV, fault_point
-from engine.files import find_images, nothing_found_message
-from engine.preprocess import image_suffixes
 from engine.shards import MANIFEST, remove_manifest, write_manifest
 from ingest.changes import Reconciler
 from ingest.distributed.cluster import Placement, RayConfig, connect, place, shards_folder
 from ingest.distributed.commit import ingest_committer
 from ingest.distributed.embedder import ShardEmbedder
 from ingest.importer import ImportConfig, ImportReport, import_shards
-from ingest.pipeline import IngestConfig, IngestReport, _plan, _write_failures
+from ingest.pipeline import IngestConfig, IngestReport, _plan, _write_failures, walk_inputs
 from ingest.prune import prune_roots, unwalked_roots
 
 if TYPE_CHECKING:
@@ -223,10 +221,7 @@ def ingest_with_ray(library: Library, roots: Sequence[str | os.PathLike], config
     report = result.ingest
     stages = report.stages
     new_model: dict[str, Any] = {}
-    with stages.timing("walk"):  # first: a mistyped path or an empty folder leaves no library behind
-        found = find_images(roots, image_suffixes(), exclude=config.exclude)
-    if not found.files and not (config.prune and library.exists()):
-        raise EngineError(nothing_found_message(roots, found, image_suffixes()))
+    found = walk_inputs(library, roots, config, stages)
     shards_folder(ray_config, library.paths.home)  # an address without a shared folder is refused before anything
     if not library.exists():
         if progress:
