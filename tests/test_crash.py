@@ -9,9 +9,6 @@ import json
 import random
 import shutil
 import signal
-import sqlite3
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,7 @@ from engine.index import VectorIndex
 from engine.library import Library
 from engine.query import search_library
 from ingest.doctor import check_library
-from tests.util import make_image
+from tests.util import make_image, run_killed
 
 SEED = 5
 # (fault point, which occurrence is fatal); "outside" is `kill -9` from this process at a random
@@ -38,40 +35,6 @@ FAULTS = [
     ("outside", rng.uniform(0.0, 0.1)),  # seconds after the first commit was seen
 ]
 WAVES = [5, 5, 5, 5, 12]  # photos arriving before each run; the last run is the longest
-
-
-def _generation(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(json.loads(row[0])) if row else 0
-    except sqlite3.Error:
-        return 0
-
-
-def _killed_run(cmd: list[str], env: dict, fault: str, when, db: Path) -> int:
-    env = dict(env)
-    if fault == "outside":
-        env["ENGINE_FAULT_DELAY"] = "0.05"  # batches of at least 50 ms: the run outlives the watcher's delay
-    else:
-        env["ENGINE_FAULT"] = f"{fault}:{when}"
-    start_generation = _generation(db)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        if fault == "outside":
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and _generation(db) <= start_generation and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(when)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in err, err
-    return proc.returncode
 
 
 def test_ingest_killed_at_any_point_loses_and_duplicates_nothing(tmp_path, tiny_model, engine_command, subprocess_env):
@@ -103,7 +66,7 @@ def test_ingest_killed_at_any_point_loses_and_duplicates_nothing(tmp_path, tiny_
             # what a kill inside the index write leaves: half a temporary file beside the real index
             half = (home / "index.faiss").read_bytes()
             (home / ".index.faiss.99999999.tmp").write_bytes(half[: len(half) // 2])
-        rc = _killed_run(cmd, subprocess_env, fault, when, db)
+        rc = run_killed(cmd, subprocess_env, fault, when, db)
         assert rc == -signal.SIGKILL, f"{fault}:{when} did not kill the run (exit {rc})"
         survived += 1
         # whatever the moment of death, what is on disk is consistent: at most the index lags the

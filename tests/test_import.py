@@ -8,10 +8,8 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +26,7 @@ from engine.errors import ModelMismatchError
 from engine.library import Library
 from engine.shards import ShardError, read_manifest, read_shard, write_manifest, write_shard
 from ingest.importer import ImportConfig, import_shards
-from tests.util import make_image, tiny_checkpoint
+from tests.util import make_image, run_killed, tiny_checkpoint
 
 DIM = 8
 ROWS = 6
@@ -408,40 +406,6 @@ def test_imported_vectors_are_searchable(tmp_path, tiny_model, tiny_identity):
 
 
 # -- kill -9 -------------------------------------------------------------------------------------
-def _generation(db: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-        return int(json.loads(row[0])) if row else 0
-    except sqlite3.Error:
-        return 0
-
-
-def _killed(cmd: list[str], env: dict[str, str], fault: str, when: float, db: Path) -> int:
-    env = dict(env)
-    if fault == "outside":
-        env["ENGINE_FAULT_DELAY"] = "0.05"  # each batch lasts 50 ms: the run outlives the watcher's delay
-    else:
-        env["ENGINE_FAULT"] = f"{fault}:{int(when)}"
-    start = _generation(db)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        if fault == "outside":
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and _generation(db) <= start and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(when)
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in err, err
-    return proc.returncode
-
-
 def test_import_killed_at_any_point_then_rerun_adds_each_row_once(tmp_path, tiny_model, tiny_identity,
                                                                   engine_command, subprocess_env):
     rng = random.Random(11)
@@ -459,7 +423,7 @@ def test_import_killed_at_any_point_then_rerun_adds_each_row_once(tmp_path, tiny
               ("import-shard-read", 2),  # a shard validated, nothing of it committed yet
               ("outside", rng.uniform(0.0, 0.2))]
     for fault, when in faults:
-        rc = _killed(cmd, subprocess_env, fault, when, db)
+        rc = run_killed(cmd, subprocess_env, fault, when, db)
         assert rc == -signal.SIGKILL, f"{fault}:{when} did not kill the run (exit {rc})"
         library = Library(home, device="cpu")
         store = library.store
@@ -467,7 +431,7 @@ def test_import_killed_at_any_point_then_rerun_adds_each_row_once(tmp_path, tiny
         assert set(_stored(library)) <= set(paths)
         library.close()
     # an index save killed midway, after everything was committed
-    assert _killed(cmd, subprocess_env, "index-state-written", 1, db) == -signal.SIGKILL
+    assert run_killed(cmd, subprocess_env, "index-state-written", 1, db) == -signal.SIGKILL
     result = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["skipped"] == len(paths)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +58,42 @@ def tiny_checkpoint(path: Path, backbone: str = "test_resnet", image_size: int =
     torch.manual_seed(0)
     enc = build_encoder(EncoderConfig(backbone=backbone, pretrained=False, image_size=image_size, head_dim=head_dim))
     return save_checkpoint(enc, path)
+
+
+def library_generation(db: Path) -> int:
+    """The write generation recorded in the SQLite library database ``db`` (0 while unreadable)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+    except sqlite3.Error:
+        return 0
+
+
+def run_killed(cmd: list[str], env: dict[str, str], fault: str, when: float, db: Path) -> int:
+    """Run the CLI ``cmd`` until it is killed with SIGKILL: at the ``when``-th pass of the fault
+    point ``fault`` (``ENGINE_FAULT``), or, for ``fault == "outside"``, ``when`` seconds after its
+    first commit shows in ``db`` (batches slowed to 50 ms so the run outlives the watcher). Returns
+    its exit status (-9 when killed); a traceback on stderr fails the test."""
+    env = dict(env)
+    if fault == "outside":
+        env["ENGINE_FAULT_DELAY"] = "0.05"
+    else:
+        env["ENGINE_FAULT"] = f"{fault}:{int(when)}"
+    start = library_generation(db)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if fault == "outside":
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and library_generation(db) <= start and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(when)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    return proc.returncode
