@@ -95,3 +95,15 @@ def store_url(request, tmp_path) -> str:
     url = server.create_database()
     yield url
     server.drop_database(url)
+
+
+@pytest.fixture()
+def one_faiss_thread():
+    """FAISS on one thread (modules that build indexes use it): its OpenMP threads spin-wait, and on two cores shared with other test
+    processes two of them make training several times slower, not faster."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

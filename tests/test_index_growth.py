@@ -30,16 +30,7 @@ BUDGET = 120_000  # bytes: then IVF-Flat (past 600 rows), SQ8 (1,000), PQ (3,000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS on one thread: its OpenMP threads spin-wait, and on two cores shared with other test
-    processes two of them make training several times slower, not faster."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def _vectors(start: int, stop: int) -> np.ndarray:

@@ -21,16 +21,7 @@ from engine.rerank import rerank, search_exact
 G, M = 1 << 30, 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """FAISS on one thread: its OpenMP threads spin-wait, and on two cores shared with other test
-    processes two of them make training several times slower, not faster."""
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.mark.parametrize("rows, dim, budget, factory", [
