@@ -30,7 +30,7 @@ from db.browse import BrowseMixin
 from db.changes import ChangesMixin
 from db.shared_files import SharedFilesMixin
 from db.staging import StagingMixin
-from db.vectors import LEGACY_DTYPE, blob_size, decode_vectors, encode_vectors
+from db.vectors import LEGACY_DTYPE, blob_size, decode_vectors, encode_vectors, stack_vectors, widen
 
 SCHEMA_VERSION = CURRENT_SCHEMA  # db/migrations.py upgrades older files
 
@@ -367,12 +367,21 @@ class MetadataStore(StagingMixin, ChangesMixin, BrowseMixin, SharedFilesMixin):
 
     def get_embeddings(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [M], vectors float32 [M, dim]) for the requested ids that have a vector."""
+        found, stacked = self.get_stored(ids, dim)
+        return found, widen(stacked)
+
+    def get_stored(self, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [M], vectors [M, dim] as stored) for the requested ids that have a vector:
+        float16 values, not yet converted (``db.vectors.widen`` converts rows of them to what
+        ``get_embeddings`` gives), so a caller scoring thousands converts a few at a time; float32
+        while the database holds older float32 vectors (see ``db.vectors.stack_vectors``)."""
         with self._engine.connect() as conn:
             try:
                 rows = list(vector_rows(conn, ids))
             except sqlite3.DatabaseError as exc:  # the driver's own cursor: SQLAlchemy's hook does not see it
                 raise (self._store_error(exc) or exc) from None
-        return np.asarray([r[0] for r in rows], np.int64), self._decode([r[1] for r in rows], dim)
+        return (np.asarray([r[0] for r in rows], np.int64),
+                stack_vectors([r[1] for r in rows], dim, legacy=self._legacy_vectors))
 
     def _decode(self, blobs: Sequence[bytes], dim: int) -> np.ndarray:
         """Stored blobs -> float32 [len(blobs), dim] (see db.vectors.decode_vectors)."""

@@ -67,19 +67,20 @@ def as_stored(vectors: np.ndarray) -> np.ndarray:
     return _unit_again(np.asarray(vectors, dtype=np.float32).astype(STORED_DTYPE).astype(np.float32))
 
 
-def decode_vectors(blobs: Sequence[bytes], dim: int, *, legacy: bool = False) -> np.ndarray:
-    """Stored vector blobs -> float32 [len(blobs), dim]. Each blob must be ``dim`` float16 values;
-    with ``legacy`` (a database not yet converted by schema 3's upgrade, opened read-only or read
-    while the upgrade runs) ``dim`` float32 values are read too.
+def stack_vectors(blobs: Sequence[bytes], dim: int, *, legacy: bool = False) -> np.ndarray:
+    """Stored vector blobs -> their values as stored, one row each: float16 [len(blobs), dim]
+    when every blob is float16 (nothing converted: ``widen`` makes rows of it what
+    ``decode_vectors`` gives, a few at a time where a caller scores thousands); with ``legacy``
+    and some float32 blobs among them, float32 [len(blobs), dim] as ``decode_vectors`` gives.
 
     Raises StoreError when a blob has another size: the vectors were switched to another
     encoder's between the caller's read of the dimension and this read (``engine reindex
     --model``), or one is damaged."""
     if not blobs:
-        return np.zeros((0, dim), np.float32)
+        return np.zeros((0, dim), STORED_DTYPE)
     size = blob_size(dim)
     if all(len(b) == size for b in blobs):
-        return _unit_again(np.frombuffer(b"".join(blobs), dtype=STORED_DTYPE).reshape(len(blobs), dim).astype(np.float32))
+        return np.frombuffer(b"".join(blobs), dtype=STORED_DTYPE).reshape(len(blobs), dim)
     legacy_size = blob_size(dim, LEGACY_DTYPE)
     if legacy and all(len(b) in (size, legacy_size) for b in blobs):
         out = np.empty((len(blobs), dim), np.float32)
@@ -90,6 +91,23 @@ def decode_vectors(blobs: Sequence[bytes], dim: int, *, legacy: bool = False) ->
         return out
     raise StoreError(f"stored vectors are not all {dim}-d: the library was switched to another encoder while "
                      "this command read it (run it again), or a vector is damaged (`engine doctor` checks)")
+
+
+def widen(stacked: np.ndarray) -> np.ndarray:
+    """Rows of ``stack_vectors``'s result -> float32 [n, dim], the values ``decode_vectors``
+    gives for them: float16 rows converted and scaled back to unit norm (a new array); float32
+    rows (already so) as they are."""
+    if stacked.dtype == np.float32:
+        return stacked
+    return _unit_again(stacked.astype(np.float32))
+
+
+def decode_vectors(blobs: Sequence[bytes], dim: int, *, legacy: bool = False) -> np.ndarray:
+    """Stored vector blobs -> float32 [len(blobs), dim]. Each blob must be ``dim`` float16 values;
+    with ``legacy`` (a database not yet converted by schema 3's upgrade, opened read-only or read
+    while the upgrade runs) ``dim`` float32 values are read too. Raises StoreError as
+    ``stack_vectors`` does."""
+    return widen(stack_vectors(blobs, dim, legacy=legacy))
 
 
 def halve_blob(blob: bytes) -> bytes | None:

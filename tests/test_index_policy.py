@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bench.synthetic import SyntheticEmbeddings
+from db.vectors import as_stored
 from engine.index import SearchSettings, VectorIndex
 from engine.index_policy import (FLAT_MAX_ELEMENTS, PHOTO_BYTES_TARGET, ROW_BYTES, STORED_BYTES_PER_DIM,
                                  choose_index, list_count, next_plan, parse_bytes, training_size)
@@ -108,13 +109,13 @@ def test_parse_bytes():
 
 # -- tuning -------------------------------------------------------------------------------------
 class ArrayStore:
-    """The one method of MetadataStore re-ranking uses, over arrays: ids int64 [N], vectors [N, D]."""
+    """The one method of MetadataStore re-ranking and tuning use, over arrays: ids int64 [N], vectors [N, D]."""
 
     def __init__(self, ids: np.ndarray, vectors: np.ndarray):
         self.rows = dict(zip(ids.tolist(), vectors))
         self.calls = 0
 
-    def get_embeddings(self, ids, dim):
+    def get_stored(self, ids, dim):
         self.calls += 1
         held = [i for i in ids if int(i) in self.rows]
         return (np.asarray(held, np.int64),
@@ -142,7 +143,7 @@ def _tuned(index: VectorIndex, x: np.ndarray, ids: np.ndarray, target: float, qu
     truth = ExactNeighbours(q, query_ids, 10)
     for start in range(0, len(ids), 5000):
         truth.add(ids[start:start + 5000], x[start:start + 5000])
-    return tune_index(index, lambda wanted: store.get_embeddings(wanted, x.shape[1]), q, query_ids, truth,
+    return tune_index(index, lambda wanted: store.get_stored(wanted, x.shape[1]), q, query_ids, truth,
                       TuningConfig(target=target))
 
 
@@ -206,6 +207,18 @@ def test_rerank_scores_exactly_and_drops_ids_no_longer_stored():
         assert got[row, :len(kept)].tolist() == expected and (got[row, len(kept):] == -1).all()
         np.testing.assert_allclose(scores[row, :len(kept)], [x[(i - 7) // 3] @ q[row] for i in expected], rtol=1e-6)
     assert store.calls == 1  # one fetch for all queries
+
+
+def test_rerank_widens_float16_stored_vectors_as_the_store_reads_them():
+    _, x, ids = _data(300, 16)
+    store = ArrayStore(ids, x.astype(np.float16))  # what MetadataStore.get_stored returns
+    q = x[:4]
+    candidates = np.stack([ids[[5, 0, 9]], ids[[1, 2, 3]], ids[[7, 4, 8]], ids[[6, 3, 0]]])
+    scores, got = rerank(store, q, candidates, 16)
+    for row in range(4):
+        expected = as_stored(x[(got[row] - 7) // 3]) @ q[row]  # decode_vectors' values: unit rows kept unit
+        np.testing.assert_allclose(scores[row], expected, rtol=1e-6)
+        assert list(scores[row]) == sorted(scores[row], reverse=True)
 
 
 def test_recall_counts_ties_as_found():

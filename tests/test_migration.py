@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from db import MetadataStore
 from db.common import StoreError
-from db.vectors import TOLERANCE, as_stored, decode_vectors, encode_vectors, halve_blob
+from db.vectors import TOLERANCE, as_stored, decode_vectors, encode_vectors, halve_blob, stack_vectors, widen
 
 DIM = 16
 
@@ -107,6 +107,12 @@ def test_codec_helpers_agree():
         decode_vectors(legacy, 8)  # float32 blobs are read only from a database not yet upgraded
     np.testing.assert_array_equal(decode_vectors(legacy[:2] + blobs[2:], 8, legacy=True),
                                   np.concatenate([vectors[:2], as_stored(vectors[2:])]))
+    stacked = stack_vectors(blobs, 8)  # as stored: float16, nothing converted until widened
+    assert stacked.dtype == np.float16
+    np.testing.assert_array_equal(widen(stacked[1:3]), decode_vectors(blobs, 8)[1:3])
+    mixed = stack_vectors(legacy[:2] + blobs[2:], 8, legacy=True)
+    assert mixed.dtype == np.float32 and widen(mixed) is mixed
+    np.testing.assert_array_equal(mixed, decode_vectors(legacy[:2] + blobs[2:], 8, legacy=True))
     assert halve_blob(legacy[0]) == blobs[0]
     assert halve_blob(b"\0" * 6) is None and halve_blob(np.float32([1e6]).tobytes()) is None
 

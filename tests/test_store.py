@@ -20,6 +20,9 @@ def test_batch_write_returns_row_ids_and_vectors_round_trip(store_url):
     got_ids, got = store.get_embeddings(ids[::-1], 4)
     order = np.argsort(got_ids)
     np.testing.assert_array_equal(got[order], vecs)
+    stored_ids, stored = store.get_stored(ids, 4)  # the same rows, as stored (float16)
+    assert stored.dtype == np.float16 and sorted(stored_ids.tolist()) == sorted(ids)
+    np.testing.assert_array_equal(stored[np.argsort(stored_ids)].astype(np.float32), vecs)
     recs = store.get_images(ids)
     assert [recs[i].path for i in ids] == ["/p/0.jpg", "/p/1.jpg", "/p/2.jpg"]
     assert store.generation() == 1
