@@ -26,6 +26,7 @@ import numpy as np
 
 from bench.errors import BenchError
 from bench.index_families import DATA_SEED, QUERY_SEED, faiss_threads
+from bench.scale import database_bytes
 from bench.scale_data import DEFAULT_CACHE, Densifier, exact_knn, fit_dimension, real_embeddings
 from bench.timing import percentiles
 
@@ -92,12 +93,6 @@ def _commit(library: Library, parts: Iterator[np.ndarray], first: int = 0) -> np
     return np.asarray(ids, np.int64)
 
 
-def _database_bytes(library: Library) -> int:
-    """Bytes of the library's database files (the SQLite file and its journals)."""
-    base = library.paths.database
-    return sum(p.stat().st_size for p in base.parent.glob(base.name + "*") if p.is_file())
-
-
 def measure_rung(home: str | os.PathLike, config: RungConfig = RungConfig(), *, database: np.ndarray | None = None,
                  queries: np.ndarray | None = None) -> dict[str, Any]:
     """One run in the empty library home ``home`` (see the module's docstring), returning its row.
@@ -137,7 +132,7 @@ def measure_rung(home: str | os.PathLike, config: RungConfig = RungConfig(), *, 
             del stored
             kth = exact_scores[:, -1]
             index_bytes = writer.paths.index.stat().st_size
-            database_bytes = _database_bytes(writer)
+            stored_bytes = database_bytes(writer)
         finally:
             writer.close()
         reader = Library(home, device="cpu")  # the saved file and its settings, read back
@@ -160,7 +155,7 @@ def measure_rung(home: str | os.PathLike, config: RungConfig = RungConfig(), *, 
     return {"n": n, "dim": dim, "data": data, "memory_budget": config.memory_budget, "rung": plan.rung,
             "factory": factory, "settings": settings, "threads": threads, "queries": len(queries),
             "commit_s": round(commit_s, 2), "build_s": round(build_s, 2),
-            "index_bytes_per_vector": round(index_bytes / n, 1), "db_bytes_per_photo": round(database_bytes / n, 1),
+            "index_bytes_per_vector": round(index_bytes / n, 1), "db_bytes_per_photo": round(stored_bytes / n, 1),
             f"recall@{k}": round(float(np.mean(scores >= kth[:, None] - SCORE_SLACK)), 4),
             "single_p50_ms": times["p50_ms"], "single_p99_ms": times["p99_ms"],
             "queries_per_s": round(len(queries) / batch_s, 1), "loadavg": list(os.getloadavg())}

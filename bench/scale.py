@@ -263,7 +263,7 @@ def bench_engine(home: Path, n: int, config: ScaleConfig, queries: np.ndarray, t
         recall, single, qps = measure(search, queries, truth, config.k, config.single)
         settings = getattr(index, "settings", None)
         notes = {"tuned": settings.to_dict() if settings is not None else None,
-                 "store_bytes_per_vector": round(_store_bytes(library) / n, 1),
+                 "store_bytes_per_vector": round(database_bytes(library) / n, 1),
                  "built_by": "engine import" if built_s is not None else "engine reindex"}
         size = library.paths.index.stat().st_size
         return Row("engine", index.factory, build_s, size / n, recall, single, qps, notes)
@@ -271,14 +271,14 @@ def bench_engine(home: Path, n: int, config: ScaleConfig, queries: np.ndarray, t
         library.close()
 
 
-def _store_bytes(library: Any) -> int:
-    """Bytes of the library's database files (the SQLite file and its journal files)."""
+def database_bytes(library: Any) -> int:
+    """Bytes of the library's database files (the SQLite file and its journals)."""
     base = library.paths.database
-    return sum(p.stat().st_size for p in (base, base.with_name(base.name + "-wal")) if p.exists())
+    return sum(p.stat().st_size for p in base.parent.glob(base.name + "*") if p.is_file())
 
 
 # -- the whole comparison ------------------------------------------------------------------------
-def _threads(config: ScaleConfig) -> int:
+def search_threads(config: ScaleConfig) -> int:
     from bench.machine import usable_cores
 
     return int(config.threads or usable_cores() or 1)
@@ -325,7 +325,7 @@ def run_scale(config: ScaleConfig = ScaleConfig(), *, engine_factory: str | None
     alternatives; the target is judged either way); ``real``, ``model``: see ``prepare_data``."""
     import faiss
 
-    threads = _threads(config)
+    threads = search_threads(config)
     faiss.omp_set_num_threads(threads)
     data = prepare_data(config, progress, real=real, model=model)
     k = config.k

@@ -15,14 +15,13 @@ shards and 3 GB for the library.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from bench.machine import machine_info
 from bench.scale import ScaleConfig, format_scale, run_scale
+from _common import run_and_report
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -54,18 +53,7 @@ def main() -> None:
                      single=args.single, threads=args.threads, hnsw_m=args.hnsw_m,
                      ef_construction=args.ef_construction, faiss_hnsw=not args.no_faiss_hnsw, recall=args.recall,
                      memory_budget=args.memory_budget, cache=args.cache)
-    machine = machine_info()
-    results = {"machine": machine, **run_scale(config, engine_factory=args.engine_index)}
-    results["machine"]["loadavg_end"] = machine_info()["loadavg"]
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    if args.json:
-        print(json.dumps(results, indent=2, default=str))
-    else:
-        m = results["machine"]
-        print(f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['ram_gb']} GB RAM; faiss {m['faiss']}; "
-              f"load average {m['loadavg']} -> {m['loadavg_end']}")
-        print(format_scale(results))
+    run_and_report(args, lambda: run_scale(config, engine_factory=args.engine_index), format_scale)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ under --cache; the library itself is made afresh each run and deleted unless --k
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-from bench.machine import machine_info
 from bench.scale_library import LibraryBenchConfig, format_scale_library, run_scale_library
+from _common import run_and_report
 
 
 def main() -> None:
@@ -39,19 +37,7 @@ def main() -> None:
     args = p.parse_args()
     config = replace(d, n=args.n, photos=args.photos, repeats=args.repeats, ingest_workers=args.ingest_workers,
                      cold_runs=args.cold_runs, index_type=args.index_type, keep=args.keep, cache=args.cache)
-    machine = machine_info()
-    results = {"machine": machine, **run_scale_library(config)}
-    results["machine"]["loadavg_end"] = machine_info()["loadavg"]
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
-    if args.json:
-        json.dump(results, sys.stdout, indent=2, default=str)
-        print()
-    else:
-        m = results["machine"]
-        print(f"machine: {m['cpu']}, {m['usable_cores']} cores, {m['ram_gb']} GB RAM; "
-              f"load average {m['loadavg']} -> {m['loadavg_end']}")
-        print(format_scale_library(results))
+    run_and_report(args, lambda: run_scale_library(config), format_scale_library)
 
 
 if __name__ == "__main__":

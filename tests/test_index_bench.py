@@ -122,7 +122,8 @@ def test_rung_refuses_half_given_data_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("script", ["benchmarks/index_families.py", "benchmarks/index_rungs.py"])
+@pytest.mark.parametrize("script", ["benchmarks/index_families.py", "benchmarks/index_rungs.py", "benchmarks/scale.py",
+                                    "benchmarks/scale_library.py", "benchmarks/second_stage.py"])
 def test_scripts_start_without_path_tricks(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -154,3 +154,30 @@ def tiny_model_32(tmp_path_factory):
 
     path = tiny_checkpoint(tmp_path_factory.mktemp("m") / "tiny32.pt", head_dim=32)
     return str(path), load_checkpoint(path, "cpu").identity()
+
+
+def test_second_stage_comparison_end_to_end(tmp_path, tiny_model_32):
+    """The three-stage ceiling (``bench.second_stage``) on tiny data: every second stage is
+    built over the same first stage, its search re-ranks exactly (so a deeper, finer setting
+    reaches the exact answer), and the engine's index and hnswlib are measured in the same run."""
+    from bench.second_stage import (StageConfig, first_stage_factory, format_second_stage, random_rows,
+                                    run_second_stage, with_scale)
+
+    spec, identity = tiny_model_32
+    config = with_scale(StageConfig(refines=("SQ4", "SQ8"), nprobes=(2, 64), k_factors=(4,), depths=(10, 40)),
+                        n=3000, dim=32, queries=60, tune_queries=40, single=10, threads=1, hnsw_m=(8,),
+                        ef_construction=40, cache=tmp_path)
+    results = run_second_stage(config, real=_real(400, 32), model=ModelRef(spec, identity, 32))
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["engine", "ivf-fs + SQ4", "ivf-fs + SQ8", "hnswlib"]
+    assert results["facts"]["first_stage"] == first_stage_factory(3000, 32) == "IVF64,PQ8x4fsr"
+    for row in results["rows"][1:3]:
+        assert row["reached_target_on_tuning"] and row["recall@10"] >= 0.9  # every list scanned, 40 re-ranked
+        assert row["disk_per_photo"] > row["bytes_per_vector"] > 32 * 0.5 * 0.9  # codes at least
+    assert set(results["ratios"]) == {"engine", "ivf-fs + SQ4", "ivf-fs + SQ8"}
+    assert "hnswlib" in format_second_stage(results)
+    parts = [np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(12, 20, dtype=np.float32).reshape(4, 2)]
+    sample = random_rows(parts, 4, seed=1)
+    whole = np.concatenate(parts)
+    assert sample.shape == (4, 2) and all(any((row == w).all() for w in whole) for row in sample)
+    assert np.all(np.diff(sample[:, 0]) > 0)  # in row order
