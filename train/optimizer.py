@@ -9,6 +9,7 @@ it unfreezes.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -48,7 +49,11 @@ class Optimizer:
                 torch.nn.utils.clip_grad_norm_(self.params, grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        self.scheduler.step()
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():  # the schedule counts batches, learned from or not: no mistake here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     def state(self) -> dict:
         """Plain-data state for last.pt."""
