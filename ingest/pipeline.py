@@ -15,8 +15,9 @@ import logging
 import os
 import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -177,6 +178,48 @@ def _plan(library: Library, roots: Sequence[str], files: Sequence[str], report: 
     return reconciler.plan(regular, seen, known, gone)
 
 
+class Planned(NamedTuple):
+    """An ingest under the write lock, planned: the library's encoder, the roots as absolute paths
+    (deduplicated), the reconciler of the run, its first transaction (touches, moves and aliases
+    that need no model) and the files to decode."""
+
+    encoder: Encoder
+    roots: list[str]
+    reconciler: Reconciler
+    first: ChangeSet
+    todo: list[str]
+
+
+@contextmanager
+def planned_ingest(library: Library, roots: Sequence[str | os.PathLike], found: Discovery, report: IngestReport, *,
+                   model: str | None, progress: ProgressFn | None,
+                   on_wait: Callable[[], None] | None) -> Iterator[Planned]:
+    """The start every ingest shares (plain and on Ray): a new library's encoder built before the
+    write lock (a model that cannot be built leaves no home or database), then under the lock the
+    library's encoder made sure of (``Library.ensure_model``, which also finishes a model switch a
+    reindex left), the walk's missing and unwalked roots reported, and the run planned. The lock
+    is held for the body of the ``with``."""
+    stages = report.stages
+    new_model: dict[str, Any] = {}
+    if not library.exists():
+        if progress:
+            progress(0, None)  # the paths are good; the slow part begins (the encoder)
+        with stages.timing("model"):
+            new_model["encoder"] = library.load_model(model or "pretrained")
+    with library.write_lock(on_wait):
+        if progress:
+            progress(0, None)
+        with stages.timing("model"):
+            encoder = library.ensure_model(model, **new_model)
+        report.failed.extend(found.missing)
+        roots_abs = list(dict.fromkeys(os.path.abspath(os.fspath(r)) for r in roots))
+        report.unwalked = list(unwalked_roots(roots_abs, found))
+        reconciler = Reconciler(library.store, report)
+        with stages.timing("plan"):
+            first, todo = _plan(library, roots_abs, found.files, report, reconciler)
+        yield Planned(encoder, roots_abs, reconciler, first, todo)
+
+
 def _apply(library: Library, index: VectorIndex, changes: ChangeSet, reconciler: Reconciler,
            report: IngestReport) -> None:
     """Commit ``changes`` (one transaction), then bring the index in line: rows deleted leave it,
@@ -242,24 +285,9 @@ def ingest_paths(library: Library, roots: Sequence[str | os.PathLike], config: I
     started = time.perf_counter()
     report = IngestReport()
     stages = report.stages
-    new_model: dict[str, Any] = {}
     found = walk_inputs(library, roots, config, stages)
-    if not library.exists():  # a new library: a model that cannot be built must leave no home or database
-        if progress:
-            progress(0, None)  # the paths are good; the slow part begins (the encoder)
-        with stages.timing("model"):
-            new_model["encoder"] = library.load_model(model or "pretrained")
-    with library.write_lock(on_wait):
-        if progress:
-            progress(0, None)
-        with stages.timing("model"):
-            encoder = library.ensure_model(model, **new_model)
-        report.failed.extend(found.missing)
-        roots_abs = list(dict.fromkeys(os.path.abspath(os.fspath(r)) for r in roots))
-        report.unwalked = list(unwalked_roots(roots_abs, found))
-        reconciler = Reconciler(library.store, report)
-        with stages.timing("plan"):
-            first, todo = _plan(library, roots_abs, found.files, report, reconciler)
+    with planned_ingest(library, roots, found, report, model=model, progress=progress,
+                        on_wait=on_wait) as (encoder, roots_abs, reconciler, first, todo):
         with stages.timing("index"):
             index = _open_or_build_index(library, encoder)
         if first:

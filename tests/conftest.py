@@ -97,6 +97,18 @@ def store_url(request, tmp_path) -> str:
     server.drop_database(url)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny models and tensors: faster than two there (and far
+    faster on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def one_faiss_thread():
     """FAISS on one thread (modules that build indexes use it): its OpenMP threads spin-wait, and on two cores shared with other test

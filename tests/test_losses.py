@@ -13,13 +13,7 @@ from engine.errors import DataError
 from train.losses import LOSSES, MINERS, MS_ALPHA, MS_BASE, MS_BETA, MetricLoss, active_share, build_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models and tensors: one intra-op thread is faster than two (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _unit(angles_deg):

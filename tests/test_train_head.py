@@ -20,12 +20,7 @@ from train.head import init_head, with_head
 from train.loop import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _encoder(dim: int, backbone: str = "test_resnet"):  # test_resnet: 96 features

@@ -18,13 +18,7 @@ from engine.errors import DataError
 from train.config import TrainConfig, resolve_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models and tensors: one intra-op thread is faster than two (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _glyph_tree(root: Path, classes: int = 8, per_class: int = 6, size: int = 40) -> Path:

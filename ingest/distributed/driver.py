@@ -34,8 +34,8 @@ from ingest.distributed.cluster import Placement, RayConfig, connect, place, sha
 from ingest.distributed.commit import ingest_committer
 from ingest.distributed.embedder import ShardEmbedder
 from ingest.importer import ImportConfig, ImportReport, import_shards
-from ingest.pipeline import IngestConfig, IngestReport, _plan, _write_failures, walk_inputs
-from ingest.prune import prune_roots, unwalked_roots
+from ingest.pipeline import IngestConfig, IngestReport, _write_failures, planned_ingest, walk_inputs
+from ingest.prune import prune_roots
 
 if TYPE_CHECKING:
     from engine.library import Library
@@ -220,25 +220,10 @@ def ingest_with_ray(library: Library, roots: Sequence[str | os.PathLike], config
     result = RayIngestReport(IngestReport())
     report = result.ingest
     stages = report.stages
-    new_model: dict[str, Any] = {}
     found = walk_inputs(library, roots, config, stages)
     shards_folder(ray_config, library.paths.home)  # an address without a shared folder is refused before anything
-    if not library.exists():
-        if progress:
-            progress(0, None)
-        with stages.timing("model"):
-            new_model["encoder"] = library.load_model(model or "pretrained")
-    with library.write_lock(on_wait):
-        if progress:
-            progress(0, None)
-        with stages.timing("model"):
-            encoder = library.ensure_model(model, **new_model)  # also finishes a switch a reindex left
-        report.failed.extend(found.missing)
-        roots_abs = list(dict.fromkeys(os.path.abspath(os.fspath(r)) for r in roots))
-        report.unwalked = list(unwalked_roots(roots_abs, found))
-        reconciler = Reconciler(library.store, report)
-        with stages.timing("plan"):
-            first, todo = _plan(library, roots_abs, found.files, report, reconciler)
+    with planned_ingest(library, roots, found, report, model=model, progress=progress,
+                        on_wait=on_wait) as (encoder, roots_abs, reconciler, first, todo):
         stale_index = bool(first)  # rows moved or dropped: the index must follow
         if first:
             with stages.timing("commit"):
