@@ -23,6 +23,17 @@ def synthetic_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
              "camera": "Bench Camera"} for i in range(start, start + n)]
 
 
+def timed_insert(store: Any, rows: int) -> tuple[list[int], float]:
+    """Insert ``rows`` synthetic rows into ``store`` (a MetadataStore) in one bulk call: (their ids,
+    seconds taken). Raises BenchError when the store returns another number of ids."""
+    t0 = time.perf_counter()
+    ids = store.insert_rows(synthetic_rows(rows))
+    seconds = time.perf_counter() - t0
+    if len(ids) != rows:
+        raise BenchError(f"insert_rows of {rows} rows returned {len(ids)} ids")
+    return ids, seconds
+
+
 def bench_metadata(n_rows: int = 50_000, *, batch_size: int = 32, dim: int = 1280, batches: int = 50,
                    k: int = 10, repeats: int = 200, seed: int = 0) -> dict[str, Any]:
     """SQLite via ``MetadataStore``: bulk ``insert_rows`` of ``n_rows`` rows in one call (rows/s);
@@ -35,11 +46,7 @@ def bench_metadata(n_rows: int = 50_000, *, batch_size: int = 32, dim: int = 128
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp:
         store = MetadataStore.for_file(Path(tmp) / "bulk.db")
         try:
-            t0 = time.perf_counter()
-            ids = store.insert_rows(synthetic_rows(n_rows))
-            bulk_s = time.perf_counter() - t0
-            if len(ids) != n_rows:
-                raise BenchError(f"insert_rows of {n_rows} rows returned {len(ids)} ids")
+            ids, bulk_s = timed_insert(store, n_rows)
             samples = []
             for _ in range(repeats):
                 wanted = rng.choice(ids, size=min(k, len(ids)), replace=False).tolist()

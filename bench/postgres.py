@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from bench.errors import BenchError
-from bench.metadata import synthetic_rows
+from bench.metadata import synthetic_rows, timed_insert
 
 
 @contextlib.contextmanager
@@ -96,11 +96,7 @@ def bench_store(url: str, *, rows: int = 50_000, vector_rows: int = 20_000, dim:
     lookups = min(lookups, rows)
     store = MetadataStore(url)
     try:
-        t0 = time.perf_counter()
-        ids = store.insert_rows(synthetic_rows(rows))
-        bulk_s = time.perf_counter() - t0
-        if len(ids) != rows:
-            raise BenchError(f"insert_rows of {rows} rows returned {len(ids)} ids")
+        ids, bulk_s = timed_insert(store, rows)
         t0 = time.perf_counter()
         for start in range(0, vector_rows, batch):
             count = min(batch, vector_rows - start)
